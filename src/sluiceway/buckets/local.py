@@ -1,0 +1,214 @@
+"""A bucket that is a local directory: the embedded default.
+
+Writes go to a hidden directory inside the bucket and are published with a
+single ``rename`` (or ``link`` for conditional puts), so a reader or a
+directory watcher never sees half a file. ETags are the MD5 of the content,
+as S3 gives for single-part uploads, so the identity of an input is the same
+whichever way it arrived; they are computed while writing, or once per
+(size, mtime) for files dropped in by other programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .base import Bucket, ObjectExists, ObjectInfo, ObjectNotFound
+
+TMP_DIR = ".sluiceway-tmp"
+# Names other programs use while a file is still being written; never inputs.
+PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden files and in-progress downloads are not objects."""
+    return name.startswith(".") or name.endswith(PARTIAL_SUFFIXES)
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class EtagCache(Protocol):
+    """Somewhere to keep MD5s across restarts (the state database)."""
+
+    def cached_etag(self, path: str, size: int, mtime_ns: int, ino: int) -> str | None: ...
+
+    def store_etag(self, path: str, size: int, mtime_ns: int, ino: int, etag: str) -> None: ...
+
+
+class _HashingWriter:
+    """Passes writes through to a file while computing the MD5 on the way."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._md5 = hashlib.md5(usedforsecurity=False)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._md5.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def close(self) -> None:
+        # The bucket closes the real file when it publishes; writers such as
+        # PyArrow's call close() themselves, which must not end the upload.
+        pass
+
+    def hexdigest(self) -> str:
+        return self._md5.hexdigest()
+
+
+class LocalBucket(Bucket):
+    """Objects as files under ``root``; ``/`` in keys becomes directories."""
+
+    def __init__(
+        self, name: str, root: str | os.PathLike[str], *, etag_cache: EtagCache | None = None
+    ) -> None:
+        self.name = name
+        self.etag_cache = etag_cache
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / TMP_DIR
+        self._etags: dict[tuple[str, int, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalBucket({self.name!r}, {str(self.root)!r})"
+
+    # -- keys and paths ------------------------------------------------------
+
+    def path_of(self, key: str) -> Path:
+        parts = key.split("/")
+        if (
+            not key
+            or key.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or parts[0] == TMP_DIR
+        ):
+            raise ValueError(f"invalid object key {key!r} for bucket {self.name!r}")
+        return self.root.joinpath(*parts)
+
+    def key_of(self, path: str | os.PathLike[str]) -> str | None:
+        """The key of a file inside the bucket, or None if it is not an object."""
+        try:
+            rel = Path(path).resolve().relative_to(self.root)
+        except ValueError:
+            return None
+        parts = rel.parts
+        if not parts or parts[0] == TMP_DIR or any(is_ignored_name(p) for p in parts):
+            return None
+        return "/".join(parts)
+
+    def local_path(self, key: str) -> str | None:
+        return str(self.path_of(key))
+
+    # -- the interface -------------------------------------------------------
+
+    def _info(self, key: str, path: Path, st: os.stat_result) -> ObjectInfo:
+        cache_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        with self._lock:
+            etag = self._etags.get(cache_key)
+        if etag is None and self.etag_cache is not None:
+            etag = self.etag_cache.cached_etag(*cache_key)
+        if etag is None:
+            etag = md5_file(path)
+            self._remember(cache_key, etag)
+        return ObjectInfo(key=key, size=st.st_size, etag=etag, mtime=st.st_mtime)
+
+    def _remember(self, cache_key: tuple[str, int, int, int], etag: str) -> None:
+        with self._lock:
+            self._etags[cache_key] = etag
+        if self.etag_cache is not None:
+            self.etag_cache.store_etag(*cache_key, etag)
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self.path_of(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.name}/{key}: no such object") from None
+        if not path.is_file():
+            raise ObjectNotFound(f"{self.name}/{key}: not an object")
+        return self._info(key, path, st)
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return open(self.path_of(key), "rb")  # noqa: SIM115 - caller closes
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.name}/{key}: no such object") from None
+
+    @contextmanager
+    def open_write(self, key: str, *, if_absent: bool = False) -> Iterator[BinaryIO]:
+        target = self.path_of(key)
+        self._tmp.mkdir(exist_ok=True)
+        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
+        writer = _HashingWriter(f)
+        try:
+            yield writer  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if if_absent:
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise ObjectExists(f"{self.name}/{key} already exists") from None
+            else:
+                os.replace(tmp, target)
+            st = target.stat()
+            self._remember((str(target), st.st_size, st.st_mtime_ns, st.st_ino), writer.hexdigest())
+        finally:
+            if not f.closed:
+                f.close()
+            tmp.unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        keys: list[tuple[str, Path]] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not is_ignored_name(d)]
+            for fn in filenames:
+                if is_ignored_name(fn):
+                    continue
+                path = Path(dirpath, fn)
+                key = "/".join(path.relative_to(self.root).parts)
+                if key.startswith(prefix):
+                    keys.append((key, path))
+        for key, path in sorted(keys):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            yield self._info(key, path, st)
+
+    def delete(self, key: str) -> None:
+        self.path_of(key).unlink(missing_ok=True)

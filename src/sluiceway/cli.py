@@ -1,0 +1,275 @@
+"""The ``sluiceway`` command: parses arguments, calls the API, renders with rich.
+
+Nothing here decides anything; each command is a few lines over
+``Pipeline``, ``Runtime`` or ``Worker`` so the Python API can do all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, SluicewayError
+from .pipeline import Pipeline
+
+app = typer.Typer(
+    help="Event-driven data pipelines: files and events in, validated data out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dlq_app = typer.Typer(help="Look at and recover dead-lettered messages.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+console = Console()
+err = Console(stderr=True)
+
+PipelineOpt = Annotated[
+    Path,
+    typer.Option("--pipeline", "-p", help="The pipeline file.", envvar="SLUICEWAY_PIPELINE"),
+]
+DEFAULT_PIPELINE = Path("sluiceway.yaml")
+
+
+def _load(path: Path) -> Pipeline:
+    return Pipeline.from_file(path)
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    bucket, _, key = target.partition("/")
+    if not bucket or not key:
+        raise typer.BadParameter(f"{target!r}: give the destination as BUCKET/KEY")
+    return bucket, key
+
+
+@app.command()
+def validate(pipeline: PipelineOpt = DEFAULT_PIPELINE) -> None:
+    """Check a pipeline file and report every mistake with its line."""
+    p = _load(pipeline)
+    c = p.config
+    console.print(
+        f"[green]ok[/green] {pipeline}: pipeline [bold]{c.pipeline}[/bold] — "
+        f"{len(c.buckets)} buckets, {len(c.topics)} topics, {len(c.queues)} queues, "
+        f"{len(c.rules)} rules, {len(c.functions)} functions"
+    )
+
+
+@app.command()
+def put(
+    source: Annotated[Path, typer.Argument(help="Local file to upload.", exists=True)],
+    target: Annotated[str, typer.Argument(help="BUCKET/KEY, e.g. bronze/in/customers.csv")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+) -> None:
+    """Write a file into a bucket and raise its "Object Created" event."""
+    p = _load(pipeline)
+    bucket, key = _split_target(target)
+    event = p.put(source, bucket, key)
+    if event is None:
+        console.print(f"{bucket}/{key}: this version was seen before; no new event")
+        return
+    targets = p.router.targets_for(event)
+    routed = ", ".join(t for _, t in targets) or "no rule matched"
+    console.print(f"put {bucket}/{key} ({event.detail['object']['size']} bytes) → {routed}")
+
+
+def _print_summary(summary: Any, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(summary.to_dict(), default=str))
+        return
+    rate = summary.done / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"[bold]{summary.done}[/bold] inputs processed, {summary.rows_in:,} rows in, "
+        f"{summary.rows_out:,} rows out in {summary.seconds:.2f}s ({rate:.1f} inputs/s)"
+    )
+    if summary.failed or summary.dead_lettered or summary.skipped:
+        console.print(
+            f"[yellow]{summary.failed} failing, {summary.dead_lettered} dead-lettered, "
+            f"{summary.skipped} skipped[/yellow] (see `sluiceway status` and `sluiceway dlq list`)"
+        )
+    if summary.outputs:
+        table = Table("output", "rows", "bytes", title="Outputs written")
+        for out in summary.outputs[:20]:
+            table.add_row(f"{out['bucket']}/{out['key']}", f"{out['rows']:,}", f"{out['bytes']:,}")
+        console.print(table)
+        if len(summary.outputs) > 20:
+            console.print(f"… and {len(summary.outputs) - 20} more")
+
+
+@app.command()
+def run(
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    drain: Annotated[
+        bool, typer.Option(help="Process everything pending, then exit.")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default: one per core; 0 = inline).")
+    ] = None,
+    watch: Annotated[bool, typer.Option(help="Watch bucket directories for new files.")] = True,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --drain: give up after this many seconds.")
+    ] = None,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight work gets on stop.")] = 30.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Summary as JSON.")] = False,
+) -> None:
+    """Run the pipeline: watcher, reconcile and workers (Ctrl-C stops cleanly)."""
+    from .runtime import Runtime
+
+    rt = Runtime(pipeline, workers=workers, watch=watch, grace=grace)
+    if drain:
+        with console.status("draining…") as st:
+
+            def progress() -> None:
+                st.update(f"draining… {rt.pipeline.pending()} messages pending")
+
+            summary = rt.drain(timeout=timeout, on_tick=progress)
+        _print_summary(summary, json_out)
+    else:
+        n = rt.workers
+        console.print(f"running {rt.pipeline.name} with {n} workers; Ctrl-C to stop")
+        rt.run_forever()
+        console.print("stopped")
+
+
+@app.command()
+def worker(
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    function: Annotated[
+        list[str] | None, typer.Option("--function", "-f", help="Only these functions.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight work gets on stop.")] = 30.0,
+) -> None:
+    """Run workers only (no watcher, no reconcile): to scale out beside `run`."""
+    from .runtime import Runtime
+
+    rt = Runtime(
+        pipeline, workers=workers, watch=False, grace=grace, functions=function, reconcile=False
+    )
+    console.print(f"{workers} workers on {rt.pipeline.name}; Ctrl-C to stop")
+    rt.run_forever()
+
+
+@app.command()
+def status(
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Queues (visible, in flight, delayed, dead-lettered) and functions (done, failed)."""
+    p = _load(pipeline)
+    data = p.status()
+    if json_out:
+        console.print_json(json.dumps(data))
+        return
+    qt = Table("queue", "visible", "in flight", "delayed", "dead-lettered", title="Queues")
+    for name, q in data["queues"].items():
+        label = f"{name} [dim](DLQ)[/dim]" if q["is_dlq"] else name
+        qt.add_row(
+            label, str(q["visible"]), str(q["in_flight"]), str(q["delayed"]),
+            "" if q["is_dlq"] else str(q["dead_lettered"]),
+        )
+    console.print(qt)
+    ft = Table("function", "processed", "failed", "skipped", "in progress", title="Functions")
+    for name, counts in data["functions"].items():
+        ft.add_row(
+            name, str(counts.get("done", 0)), str(counts.get("failed", 0)),
+            str(counts.get("skipped", 0)), str(counts.get("in_progress", 0)),
+        )
+    console.print(ft)
+
+
+def _dlq_name(p: Pipeline, queue: str) -> str:
+    if queue not in p.config.queues:
+        known = ", ".join(p.config.queues) or "none"
+        raise typer.BadParameter(f"unknown queue {queue!r} (queues: {known})")
+    return p.config.dead_letter_queue(queue)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: Annotated[str, typer.Argument(help="The source queue whose DLQ to show.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    limit: int = 100,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Dead-lettered messages of QUEUE, with the error that put them there."""
+    p = _load(pipeline)
+    messages = p.broker.queue(_dlq_name(p, queue)).peek(limit)
+    if json_out:
+        console.print_json(
+            json.dumps(
+                [
+                    {"id": m.id, "receive_count": m.receive_count, "failure": m.failure,
+                     "body": json.loads(m.body)}
+                    for m in messages
+                ]
+            )
+        )
+        return
+    table = Table("id", "input", "receives", "error", title=f"{queue}: dead-lettered")
+    for m in messages:
+        try:
+            detail = json.loads(m.body).get("detail", {})
+            what = f"{detail['bucket']['name']}/{detail['object']['key']}"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            what = m.body[:60]
+        f = m.failure or {}
+        table.add_row(m.id, what, str(m.receive_count),
+                      f"{f.get('error_type', '?')}: {f.get('message', '')}")
+    console.print(table)
+    console.print(f"{len(messages)} messages")
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    queue: Annotated[str, typer.Argument(help="The source queue whose DLQ to redrive.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    ids: Annotated[list[str] | None, typer.Option("--id", help="Only these ids.")] = None,
+    to: Annotated[str | None, typer.Option(help="Another queue to send them to.")] = None,
+) -> None:
+    """Move dead-lettered messages back to QUEUE (or --to another) for another try."""
+    p = _load(pipeline)
+    dlq = p.broker.queue(_dlq_name(p, queue))
+    target = p.broker.queue(to or queue)
+    moved = dlq.redrive(target, ids)
+    console.print(f"redrove {moved} messages from {dlq.name} to {target.name}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    queue: Annotated[str, typer.Argument(help="The source queue whose DLQ to empty.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+) -> None:
+    """Delete every dead-lettered message of QUEUE."""
+    p = _load(pipeline)
+    dlq = p.broker.queue(_dlq_name(p, queue))
+    n = dlq.counts()
+    total = n.visible + n.in_flight + n.delayed
+    if not yes and not typer.confirm(f"delete {total} messages from {dlq.name}?"):
+        raise typer.Exit(1)
+    console.print(f"purged {dlq.purge()} messages from {dlq.name}")
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SLUICEWAY_LOG", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        app()
+    except ConfigError as e:
+        err.print("[red]pipeline file has problems:[/red]")
+        for problem in e.problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        sys.exit(2)
+    except SluicewayError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,297 @@
+"""The pipeline file (``sluiceway.yaml``) into typed models, or every mistake at once.
+
+Users edit this file by hand, so an error must say where: each problem is
+reported as ``file:line: key.path: message``. Structure and types are checked
+by pydantic; cross references (a rule target that is not a queue, a step
+that writes to an unknown bucket, a pattern EventBridge would reject) are
+checked after, against the same line map. Nothing runs until all of it is
+right.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from .errors import ConfigError, PatternError
+from .patterns import compile_pattern
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"1.5m"``, ``"500ms"`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Name = Annotated[str, Field(pattern=NAME_RE)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class QueueConfig(_Model):
+    visibility_timeout: Duration = 60.0
+    max_receive_count: int = Field(5, ge=1)
+    delay: Duration = 0.0
+    dead_letter_queue: Name | None = None
+    backoff_base: Duration = 1.0
+    backoff_max: Duration = 300.0
+
+
+class TopicConfig(_Model):
+    subscriptions: list[Name] = Field(min_length=1)
+
+
+class RuleConfig(_Model):
+    name: Name
+    pattern: dict[str, Any]
+    targets: list[Name] = Field(min_length=1)
+
+
+class FunctionConfig(_Model):
+    queue: Name
+    steps: list[dict[str, Any] | str] = Field(default_factory=list)
+    handler: str | None = Field(None, pattern=r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[A-Za-z0-9][\w.-]*)$")
+    timeout: Duration = 900.0
+    batch_size: int = Field(1, ge=1, le=100)
+
+
+class PipelineConfig(_Model):
+    pipeline: Name
+    state_dir: str = ".sluiceway"
+    imports: list[str] = Field(default_factory=list)
+    buckets: dict[Name, str] = Field(default_factory=dict)
+    topics: dict[Name, TopicConfig] = Field(default_factory=dict)
+    queues: dict[Name, QueueConfig | None] = Field(default_factory=dict)
+    rules: list[RuleConfig] = Field(default_factory=list)
+    functions: dict[Name, FunctionConfig] = Field(default_factory=dict)
+
+    # Filled in by the loader, not by the file.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+    source: str = Field(default="<string>", exclude=True)
+
+    def queue_config(self, name: str) -> QueueConfig:
+        return self.queues.get(name) or QueueConfig()
+
+    def dead_letter_queue(self, name: str) -> str:
+        return self.queue_config(name).dead_letter_queue or f"{name}-dlq"
+
+    def all_queue_names(self) -> list[str]:
+        """Declared queues plus each one's dead-letter queue."""
+        names = list(self.queues)
+        for q in self.queues:
+            dlq = self.dead_letter_queue(q)
+            if dlq not in names:
+                names.append(dlq)
+        return names
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value.removeprefix("file://"))
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        return self.resolve_path(self.state_dir)
+
+
+# -- locating problems in the file ---------------------------------------------
+
+
+def _line_of(root: Any, path: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest node along ``path`` that exists."""
+    node, line = root, None
+    for part in path:
+        if isinstance(node, CommentedMap) and part in node:
+            line = node.lc.key(part)[0] + 1
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            line = node.lc.item(part)[0] + 1
+            node = node[part]
+        else:
+            break
+    if line is None and hasattr(root, "lc"):
+        line = root.lc.line + 1
+    return line
+
+
+class _Problems:
+    def __init__(self, source: str, doc: Any) -> None:
+        self.source = source
+        self.doc = doc
+        self.items: list[tuple[int, str]] = []
+
+    def add(self, path: tuple[Any, ...], message: str) -> None:
+        line = _line_of(self.doc, path)
+        where = ".".join(str(p) for p in path) or "(top level)"
+        self.items.append((line or 0, f"{self.source}:{line or 1}: {where}: {message}"))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError([msg for _, msg in sorted(self.items)])
+
+
+def _pydantic_problems(problems: _Problems, err: ValidationError) -> None:
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # Union members add their class name to the location; drop those.
+        loc = tuple(p for p in loc if p not in ("QueueConfig",))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        elif e["type"] == "string_pattern_mismatch" and loc and loc[-1] == "handler":
+            msg = "handler must be 'module:function' or a name registered with @handler"
+        elif e["type"] == "string_pattern_mismatch":
+            msg = "names use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        problems.add(loc, msg)
+
+
+# -- cross references --------------------------------------------------------
+
+
+def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
+    from .steps import STEPS, StepSpecError, parse_step
+    from .steps.python import import_module, resolve_handler
+
+    for i, module in enumerate(cfg.imports):
+        try:
+            import_module(module, cfg.base_dir)
+        except ValueError as e:
+            problems.add(("imports", i), str(e))
+
+    queue_names = set(cfg.queues)
+    for name, topic in cfg.topics.items():
+        if name in queue_names:
+            problems.add(("topics", name), "a topic and a queue cannot share a name")
+        for i, sub in enumerate(topic.subscriptions):
+            if sub not in queue_names:
+                problems.add(("topics", name, "subscriptions", i), f"unknown queue {sub!r}")
+    for name in cfg.queues:
+        dlq = cfg.queue_config(name).dead_letter_queue
+        if dlq is not None and dlq == name:
+            problems.add(("queues", name, "dead_letter_queue"), "a queue cannot be its own DLQ")
+
+    seen_rules: set[str] = set()
+    for i, rule in enumerate(cfg.rules):
+        if rule.name in seen_rules:
+            problems.add(("rules", i, "name"), f"duplicate rule name {rule.name!r}")
+        seen_rules.add(rule.name)
+        for j, target in enumerate(rule.targets):
+            if target not in queue_names and target not in cfg.topics:
+                problems.add(
+                    ("rules", i, "targets", j),
+                    f"unknown target {target!r}: not a queue or topic of this pipeline",
+                )
+        try:
+            compile_pattern(rule.pattern)
+        except PatternError as e:
+            problems.add(("rules", i, "pattern", *e.path), f"invalid event pattern: {e.message}")
+            continue
+        for j, value in enumerate(_bucket_names_in(rule.pattern)):
+            if isinstance(value, str) and value not in cfg.buckets:
+                problems.add(
+                    ("rules", i, "pattern", "detail", "bucket", "name", j),
+                    f"unknown bucket {value!r}",
+                )
+
+    fed: dict[str, str] = {}
+    for name, fn in cfg.functions.items():
+        if fn.queue not in queue_names:
+            problems.add(("functions", name, "queue"), f"unknown queue {fn.queue!r}")
+        elif fn.queue in fed:
+            problems.add(
+                ("functions", name, "queue"),
+                f"queue {fn.queue!r} already feeds function {fed[fn.queue]!r}",
+            )
+        fed.setdefault(fn.queue, name)
+        if not fn.steps and not fn.handler:
+            problems.add(("functions", name), "give 'steps' or a 'handler'")
+        if fn.steps and fn.handler:
+            problems.add(("functions", name, "handler"), "give 'steps' or a 'handler', not both")
+        if fn.handler:
+            try:
+                resolve_handler(fn.handler, cfg.base_dir)
+            except ValueError as e:
+                problems.add(("functions", name, "handler"), str(e))
+        for j, raw in enumerate(fn.steps):
+            try:
+                step_name, options = parse_step(raw)
+                STEPS[step_name].check(options, cfg)
+            except StepSpecError as e:
+                problems.add(("functions", name, "steps", j, *e.path), e.message)
+
+
+def _bucket_names_in(pattern: dict[str, Any]) -> list[Any]:
+    """Exact bucket names a rule's pattern asks for (to catch typos early)."""
+    detail = pattern.get("detail")
+    if not isinstance(detail, dict):
+        return []
+    bucket = detail.get("bucket")
+    if not isinstance(bucket, dict):
+        return []
+    names = bucket.get("name")
+    return names if isinstance(names, list) else []
+
+
+# -- entry points --------------------------------------------------------------
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def loads(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> PipelineConfig:
+    """Parse and check a pipeline; raises ConfigError listing every problem."""
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise ConfigError([f"{source}:{line}: not valid YAML: {e.problem}"]) from None
+    problems = _Problems(source, doc)
+    if not isinstance(doc, dict):
+        problems.add((), "the pipeline file must be a mapping with 'pipeline:', 'queues:', …")
+        problems.raise_if_any()
+    try:
+        cfg = PipelineConfig.model_validate(_plain(doc))
+    except ValidationError as err:
+        _pydantic_problems(problems, err)
+        problems.raise_if_any()
+        raise  # unreachable: there was at least one error
+    cfg.base_dir = (base_dir or Path.cwd()).resolve()
+    cfg.source = source
+    _check_references(cfg, problems)
+    problems.raise_if_any()
+    return cfg
+
+
+def load(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such pipeline file"]) from None
+    return loads(text, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,163 @@
+"""The ledger: what has been seen, claimed and finished, so nothing is done twice.
+
+Two records live here. *Objects* are the object versions an event was raised
+for: the watcher, ``put`` and the start-up reconcile all go through
+``first_seen`` so each version raises exactly one event. *Entries* are one
+per (function, input): a worker claims an entry before it works and marks it
+done after its outputs are committed, so a message re-delivered after a crash
+between commit and ack is recognised and only acked. A claim expires, so a
+worker that died mid-way does not block the input forever. This is the
+idempotency record of Powertools for AWS Lambda, with SQLite behind it.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .state import StateDB
+
+
+class Claim(Enum):
+    ACQUIRED = "acquired"  # go ahead: nobody finished or holds this input
+    DONE = "done"  # finished before (or skipped for good): just ack
+    BUSY = "busy"  # another worker holds a live claim: try later
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    function: str
+    status: str
+    owner: str | None
+    expires_at: float | None
+    attempts: int
+    created_at: float
+    updated_at: float
+    info: dict[str, Any]
+
+
+class Ledger(abc.ABC):
+    @abc.abstractmethod
+    def first_seen(self, bucket: str, key: str, etag: str, size: int, event_id: str) -> bool:
+        """Record an object version; True only the first time it is offered."""
+
+    @abc.abstractmethod
+    def claim(self, key: str, *, function: str, owner: str, ttl: float) -> Claim: ...
+
+    @abc.abstractmethod
+    def extend(self, key: str, *, owner: str, ttl: float) -> bool: ...
+
+    @abc.abstractmethod
+    def complete(self, key: str, *, owner: str, info: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def fail(self, key: str, *, owner: str, info: dict[str, Any]) -> None:
+        """Release the claim after a failure; a later delivery may claim again."""
+
+    @abc.abstractmethod
+    def skip(self, key: str, *, owner: str, info: dict[str, Any]) -> None:
+        """Final without output (e.g. the input was deleted before processing)."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Entry | None: ...
+
+    @abc.abstractmethod
+    def function_counts(self) -> dict[str, dict[str, int]]:
+        """Per function, how many entries are in each status."""
+
+
+class SqliteLedger(Ledger):
+    def __init__(self, db: StateDB) -> None:
+        self.db = db
+
+    def first_seen(self, bucket: str, key: str, etag: str, size: int, event_id: str) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO objects (bucket, key, etag, size, seen_at, event_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (bucket, key, etag, size, time.time(), event_id),
+            )
+            return cur.rowcount == 1
+
+    def claim(self, key: str, *, function: str, owner: str, ttl: float) -> Claim:
+        now = time.time()
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO ledger (key, function, status, owner, expires_at, attempts,"
+                " created_at, updated_at) VALUES (?, ?, 'in_progress', ?, ?, 1, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET status = 'in_progress', owner = excluded.owner,"
+                " expires_at = excluded.expires_at, attempts = ledger.attempts + 1,"
+                " updated_at = excluded.updated_at"
+                " WHERE ledger.status = 'failed'"
+                " OR (ledger.status = 'in_progress' AND ledger.expires_at < excluded.updated_at)"
+                " RETURNING status",
+                (key, function, owner, now + ttl, now, now),
+            ).fetchone()
+            if row is not None:
+                return Claim.ACQUIRED
+            status = conn.execute("SELECT status FROM ledger WHERE key = ?", (key,)).fetchone()[0]
+        return Claim.BUSY if status == "in_progress" else Claim.DONE
+
+    def extend(self, key: str, *, owner: str, ttl: float) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE ledger SET expires_at = ?, updated_at = ?"
+                " WHERE key = ? AND owner = ? AND status = 'in_progress'",
+                (time.time() + ttl, time.time(), key, owner),
+            )
+            return cur.rowcount == 1
+
+    def _finish(self, key: str, owner: str, status: str, info: dict[str, Any]) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE ledger SET status = ?, expires_at = NULL, updated_at = ?, info = ?"
+                " WHERE key = ? AND owner = ?",
+                (status, time.time(), json.dumps(info, default=str), key, owner),
+            )
+
+    def complete(self, key: str, *, owner: str, info: dict[str, Any]) -> None:
+        self._finish(key, owner, "done", info)
+
+    def fail(self, key: str, *, owner: str, info: dict[str, Any]) -> None:
+        self._finish(key, owner, "failed", info)
+
+    def skip(self, key: str, *, owner: str, info: dict[str, Any]) -> None:
+        self._finish(key, owner, "skipped", info)
+
+    def get(self, key: str) -> Entry | None:
+        row = self.db.conn.execute("SELECT * FROM ledger WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return Entry(
+            key=row["key"],
+            function=row["function"],
+            status=row["status"],
+            owner=row["owner"],
+            expires_at=row["expires_at"],
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            info=json.loads(row["info"]),
+        )
+
+    def function_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for fn, status, n in self.db.conn.execute(
+            "SELECT function, status, COUNT(*) FROM ledger GROUP BY function, status"
+        ):
+            out.setdefault(fn, {})[status] = n
+        return out
+
+
+def entries_since(db: StateDB, since: float) -> list[Entry]:
+    """Entries finished or failed since ``since``: what one run did."""
+    rows = db.conn.execute(
+        "SELECT key FROM ledger WHERE updated_at >= ? ORDER BY updated_at", (since,)
+    ).fetchall()
+    ledger = SqliteLedger(db)
+    return [e for r in rows if (e := ledger.get(r[0])) is not None]

@@ -1,0 +1,188 @@
+"""A loaded pipeline with its backends: the Python API the CLI is a thin layer over.
+
+Everything is opened lazily and per process, because worker processes build
+their own ``Pipeline`` from the same file: SQLite connections and file
+handles must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .buckets.base import Bucket, ObjectInfo
+from .buckets.local import LocalBucket
+from .config import PipelineConfig
+from .errors import ConfigError
+from .events import Event, object_created
+from .ledger import SqliteLedger
+from .queues.base import QueueCounts, QueueSpec
+from .queues.sqlite import SqliteBroker
+from .router import Router
+from .state import StateDB
+
+STATE_FILE = "state.db"
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    name: str
+    counts: QueueCounts
+    dead_lettered: int
+    is_dlq: bool
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, path: Path | None = None) -> None:
+        self.config = config
+        self.path = path
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str] = "sluiceway.yaml") -> Pipeline:
+        path = Path(path).resolve()
+        return cls(config_mod.load(path), path)
+
+    @property
+    def name(self) -> str:
+        return self.config.pipeline
+
+    # -- backends ------------------------------------------------------------
+
+    @cached_property
+    def db(self) -> StateDB:
+        return StateDB(self.config.state_path / STATE_FILE)
+
+    @cached_property
+    def buckets(self) -> dict[str, Bucket]:
+        out: dict[str, Bucket] = {}
+        for name, url in self.config.buckets.items():
+            if "://" in url and not url.startswith("file://"):
+                raise ConfigError(
+                    [f"{self.config.source}: buckets.{name}: {url!r}: only local directories "
+                     "(file:// or a path) are supported by this version"]
+                )
+            out[name] = LocalBucket(name, self.config.resolve_path(url), etag_cache=self.db)
+        return out
+
+    @cached_property
+    def broker(self) -> SqliteBroker:
+        specs: dict[str, QueueSpec] = {}
+        for name in self.config.all_queue_names():
+            q = self.config.queue_config(name)
+            is_dlq = name not in self.config.queues
+            specs[name] = QueueSpec(
+                name=name,
+                visibility_timeout=q.visibility_timeout,
+                max_receive_count=q.max_receive_count,
+                delay=q.delay,
+                dead_letter_queue=None if is_dlq else self.config.dead_letter_queue(name),
+                backoff_base=q.backoff_base,
+                backoff_max=q.backoff_max,
+            )
+        subs = {t: cfg.subscriptions for t, cfg in self.config.topics.items()}
+        return SqliteBroker(self.db, specs, subs)
+
+    @cached_property
+    def ledger(self) -> SqliteLedger:
+        return SqliteLedger(self.db)
+
+    @cached_property
+    def router(self) -> Router:
+        return Router.from_config(self.config.rules, self.broker, set(self.config.topics))
+
+    def bucket(self, name: str) -> Bucket:
+        try:
+            return self.buckets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.buckets)) or "none"
+            raise ConfigError([f"unknown bucket {name!r} (buckets: {known})"]) from None
+
+    # -- events in -----------------------------------------------------------
+
+    def object_created(self, bucket: str, info: ObjectInfo) -> Event | None:
+        """Raise the event for one object version, exactly once.
+
+        Recording the version and queueing its messages happen in one
+        transaction: a crash leaves either both or neither, and the watcher,
+        ``put`` and the reconcile can all offer the same file safely.
+        """
+        event = object_created(
+            bucket,
+            info.key,
+            size=info.size,
+            etag=info.etag,
+            sequencer=f"{int(info.mtime * 1e9):020X}",
+        )
+        with self.db.transaction():
+            if not self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id):
+                return None
+            self.router.route(event)
+        return event
+
+    def put(self, source: str | os.PathLike[str], bucket: str, key: str) -> Event | None:
+        """Copy a local file into a bucket and raise its "Object Created" event."""
+        b = self.bucket(bucket)
+        with open(source, "rb") as src, b.open_write(key) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return self.object_created(bucket, b.head(key))
+
+    def reconcile(self) -> list[Event]:
+        """Raise events for objects that arrived while nothing was running."""
+        raised: list[Event] = []
+        for name, bucket in self.buckets.items():
+            for info in bucket.list():
+                event = self.object_created(name, info)
+                if event is not None:
+                    raised.append(event)
+        return raised
+
+    # -- looking at it -------------------------------------------------------
+
+    def queue_status(self) -> list[QueueStatus]:
+        out = []
+        for name in self.config.all_queue_names():
+            is_dlq = name not in self.config.queues
+            counts = self.broker.queue(name).counts()
+            dead = 0
+            if not is_dlq:
+                dlq = self.broker.queue(self.config.dead_letter_queue(name)).counts()
+                dead = dlq.visible + dlq.in_flight + dlq.delayed
+            out.append(QueueStatus(name, counts, dead, is_dlq))
+        return out
+
+    def function_status(self) -> dict[str, dict[str, int]]:
+        counts = self.ledger.function_counts()
+        return {name: counts.get(name, {}) for name in self.config.functions}
+
+    def pending(self) -> int:
+        """Messages not yet finished in the queues that feed functions."""
+        total = 0
+        for fn in self.config.functions.values():
+            c = self.broker.queue(fn.queue).counts()
+            total += c.visible + c.in_flight + c.delayed
+        return total
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.name,
+            "queues": {
+                q.name: {
+                    "visible": q.counts.visible,
+                    "in_flight": q.counts.in_flight,
+                    "delayed": q.counts.delayed,
+                    "dead_lettered": q.dead_lettered,
+                    "is_dlq": q.is_dlq,
+                }
+                for q in self.queue_status()
+            },
+            "functions": self.function_status(),
+        }
+
+    def close(self) -> None:
+        if "db" in self.__dict__:
+            self.db.close()

@@ -1,0 +1,275 @@
+"""Queues and topics in the embedded SQLite state database.
+
+A message row is never removed on receive, only hidden (``visible_at`` in the
+future) with a fresh receipt; ack deletes it by id *and* receipt, so a worker
+whose message timed out and went to someone else cannot delete it from under
+them. Long polling is a bounded poll of an indexed query: SQLite has no
+notification, and a ready-check costs microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..state import StateDB
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+
+# Between empty polls; grows to the maximum while a queue stays idle.
+POLL_MIN = 0.005
+POLL_MAX = 0.05
+
+
+def _row_to_message(row: Any) -> Message:
+    return Message(
+        id=row["id"],
+        queue=row["queue"],
+        body=row["body"],
+        attributes=json.loads(row["attributes"]),
+        receive_count=row["receive_count"],
+        receipt=row["receipt"] or "",
+        sent_at=row["sent_at"],
+        failure=json.loads(row["failure"]) if row["failure"] else None,
+    )
+
+
+class SqliteQueue(Queue):
+    def __init__(self, db: StateDB, spec: QueueSpec, broker: SqliteBroker) -> None:
+        self.db = db
+        self.spec = spec
+        self._broker = broker
+
+    def __repr__(self) -> str:
+        return f"SqliteQueue({self.name!r})"
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[str]:
+        now = time.time()
+        ids = [m.id or str(uuid.uuid4()) for m in messages]
+        rows = [
+            (
+                mid,
+                self.name,
+                m.body,
+                json.dumps(m.attributes),
+                now,
+                now + (self.spec.delay if m.delay is None else m.delay),
+            )
+            for mid, m in zip(ids, messages, strict=True)
+        ]
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO messages (id, queue, body, attributes, sent_at, visible_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return ids
+
+    def _receive_once(self, max_messages: int) -> list[Message]:
+        now = time.time()
+        conn = self.db.conn
+        # A cheap read first: most empty polls never take the write lock.
+        if (
+            conn.execute(
+                "SELECT 1 FROM messages WHERE queue = ? AND visible_at <= ? LIMIT 1",
+                (self.name, now),
+            ).fetchone()
+            is None
+        ):
+            return []
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM messages WHERE queue = ? AND visible_at <= ?"
+                " ORDER BY visible_at, seq LIMIT ?",
+                (self.name, now, max_messages),
+            ).fetchall()
+            out: list[Message] = []
+            for row in rows:
+                msg = _row_to_message(row)
+                if msg.receive_count >= self.spec.max_receive_count:
+                    # Received that often without an ack or a recorded failure:
+                    # the worker died each time. Stop the crash loop here.
+                    self.dead_letter(
+                        msg,
+                        msg.failure
+                        or {
+                            "error_type": "MaxReceiveCountExceeded",
+                            "message": (
+                                f"received {msg.receive_count} times without being acked "
+                                "(the worker died or timed out each time)"
+                            ),
+                        },
+                    )
+                    continue
+                receipt = uuid.uuid4().hex
+                conn.execute(
+                    "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1,"
+                    " receipt = ? WHERE seq = ?",
+                    (now + self.spec.visibility_timeout, receipt, row["seq"]),
+                )
+                msg.receive_count += 1
+                msg.receipt = receipt
+                out.append(msg)
+        return out
+
+    def receive(self, max_messages: int = 1, *, wait: float = 0.0) -> list[Message]:
+        deadline = time.monotonic() + wait
+        pause = POLL_MIN
+        while True:
+            got = self._receive_once(max_messages)
+            remaining = deadline - time.monotonic()
+            if got or remaining <= 0:
+                return got
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, POLL_MAX)
+
+    def ack(self, messages: Sequence[Message]) -> int:
+        with self.db.transaction() as conn:
+            cur = conn.executemany(
+                "DELETE FROM messages WHERE queue = ? AND id = ? AND receipt = ?",
+                [(self.name, m.id, m.receipt) for m in messages],
+            )
+            return cur.rowcount
+
+    def change_visibility(self, message: Message, seconds: float) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE messages SET visible_at = ? WHERE queue = ? AND id = ? AND receipt = ?",
+                (time.time() + seconds, self.name, message.id, message.receipt),
+            )
+            return cur.rowcount == 1
+
+    def record_failure(self, message: Message, failure: dict[str, Any], retry_in: float) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE messages SET visible_at = ?, failure = ?"
+                " WHERE queue = ? AND id = ? AND receipt = ?",
+                (
+                    time.time() + retry_in,
+                    json.dumps(failure),
+                    self.name,
+                    message.id,
+                    message.receipt,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def dead_letter(self, message: Message, failure: dict[str, Any]) -> None:
+        dlq = self.spec.dead_letter_queue
+        with self.db.transaction() as conn:
+            if dlq is None:
+                # No DLQ configured: keep the message, parked far in the future,
+                # rather than drop it; `dlq list` cannot see it, `status` can.
+                conn.execute(
+                    "UPDATE messages SET visible_at = 1e18, failure = ? WHERE queue = ? AND id = ?",
+                    (json.dumps(failure), self.name, message.id),
+                )
+                return
+            attributes = dict(message.attributes)
+            attributes["source_queue"] = self.name
+            attributes["dead_lettered_at"] = time.time()
+            conn.execute(
+                "DELETE FROM messages WHERE queue = ? AND id = ?", (self.name, message.id)
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO messages"
+                " (id, queue, body, attributes, sent_at, visible_at, receive_count, failure)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    dlq,
+                    message.body,
+                    json.dumps(attributes),
+                    message.sent_at,
+                    time.time(),
+                    message.receive_count,
+                    json.dumps(failure),
+                ),
+            )
+
+    def counts(self) -> QueueCounts:
+        now = time.time()
+        row = self.db.conn.execute(
+            "SELECT"
+            " SUM(CASE WHEN visible_at <= ? THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN visible_at > ? AND receipt IS NOT NULL THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN visible_at > ? AND receipt IS NULL THEN 1 ELSE 0 END)"
+            " FROM messages WHERE queue = ?",
+            (now, now, now, self.name),
+        ).fetchone()
+        return QueueCounts(visible=row[0] or 0, in_flight=row[1] or 0, delayed=row[2] or 0)
+
+    def peek(self, limit: int = 100) -> list[Message]:
+        rows = self.db.conn.execute(
+            "SELECT * FROM messages WHERE queue = ? ORDER BY seq LIMIT ?", (self.name, limit)
+        ).fetchall()
+        return [_row_to_message(r) for r in rows]
+
+    def redrive(self, to: Queue, ids: Sequence[str] | None = None) -> int:
+        if not isinstance(to, SqliteQueue):
+            return self._redrive_across(to, ids)
+        now = time.time()
+        with self.db.transaction() as conn:
+            if ids is None:
+                cur = conn.execute(
+                    "UPDATE OR REPLACE messages SET queue = ?, visible_at = ?, receive_count = 0,"
+                    " receipt = NULL WHERE queue = ?",
+                    (to.name, now, self.name),
+                )
+            else:
+                cur = conn.executemany(
+                    "UPDATE OR REPLACE messages SET queue = ?, visible_at = ?, receive_count = 0,"
+                    " receipt = NULL WHERE queue = ? AND id = ?",
+                    [(to.name, now, self.name, i) for i in ids],
+                )
+            return cur.rowcount
+
+    def _redrive_across(self, to: Queue, ids: Sequence[str] | None) -> int:
+        wanted = set(ids) if ids is not None else None
+        moved = 0
+        for msg in self.peek(limit=1_000_000):
+            if wanted is not None and msg.id not in wanted:
+                continue
+            to.send(msg.body, attributes=msg.attributes, id=msg.id)
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM messages WHERE queue = ? AND id = ?", (self.name, msg.id))
+            moved += 1
+        return moved
+
+    def purge(self) -> int:
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM messages WHERE queue = ?", (self.name,)).rowcount
+
+
+class SqliteBroker(Broker):
+    """Queues and topics in one SQLite database; topics are config, not rows."""
+
+    def __init__(
+        self,
+        db: StateDB,
+        specs: Mapping[str, QueueSpec],
+        subscriptions: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.db = db
+        self.specs = dict(specs)
+        self.subscriptions = {t: list(qs) for t, qs in (subscriptions or {}).items()}
+        self._queues: dict[str, SqliteQueue] = {}
+
+    def queue(self, name: str) -> SqliteQueue:
+        q = self._queues.get(name)
+        if q is None:
+            spec = self.specs.get(name)
+            if spec is None:
+                raise KeyError(f"unknown queue {name!r}")
+            q = self._queues[name] = SqliteQueue(self.db, spec, self)
+        return q
+
+    def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> None:
+        queues = self.subscriptions.get(topic)
+        if queues is None:
+            raise KeyError(f"unknown topic {topic!r}")
+        with self.db.transaction():
+            for name in queues:
+                self.queue(name).send_batch(messages)

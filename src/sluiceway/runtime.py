@@ -1,0 +1,237 @@
+"""``sluiceway run``: watcher, reconcile and a supervised pool of worker processes.
+
+Workers are processes, not threads, so CPU-bound steps use every core and a
+crash in user code takes down one worker, which is restarted, not the
+runtime. Stopping is two-phase: first ask (workers finish the message in
+hand), then, after the grace period, SIGTERM (a worker hands its message
+back to the queue before it exits).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from .ledger import entries_since
+from .pipeline import Pipeline
+from .watcher import BucketWatcher
+from .worker import Shutdown, Worker
+
+log = logging.getLogger("sluiceway.runtime")
+
+
+def _raise_shutdown(signum: int, frame: object) -> None:
+    raise Shutdown()
+
+
+def worker_main(
+    pipeline_path: str, stop: Any, functions: list[str] | None, worker_id: str
+) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    logging.basicConfig(level=os.environ.get("SLUICEWAY_LOG", "WARNING"))
+    pipeline = Pipeline.from_file(pipeline_path)
+    worker = Worker(pipeline, functions, worker_id=worker_id)
+    try:
+        while not stop.is_set():
+            worker.poll(wait=0.2)
+    except Shutdown:
+        pass
+    finally:
+        pipeline.close()
+
+
+@dataclass
+class RunSummary:
+    seconds: float
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Runtime:
+    def __init__(
+        self,
+        pipeline_path: str | os.PathLike[str],
+        *,
+        workers: int | None = None,
+        watch: bool = True,
+        grace: float = 30.0,
+        settle: float = 0.25,
+        functions: list[str] | None = None,
+        reconcile: bool = True,
+    ) -> None:
+        self.pipeline_path = str(Path(pipeline_path).resolve())
+        self.pipeline = Pipeline.from_file(self.pipeline_path)
+        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self.watch = watch
+        self.grace = grace
+        self.settle = settle
+        self.functions = functions
+        self.reconcile = reconcile
+        self._ctx = mp.get_context("spawn")
+        self._stop_workers = self._ctx.Event()
+        self._stop = threading.Event()
+        self._procs: list[BaseProcess] = []
+        self._watcher: BucketWatcher | None = None
+        self._local_worker: Worker | None = None
+        self.restarts = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _spawn(self, index: int) -> BaseProcess:
+        p = self._ctx.Process(
+            target=worker_main,
+            args=(
+                self.pipeline_path,
+                self._stop_workers,
+                self.functions,
+                f"{os.uname().nodename}:w{index}",
+            ),
+            name=f"sluiceway-worker-{index}",
+            daemon=False,
+        )
+        p.start()
+        return p
+
+    def start(self) -> None:
+        if self.watch:
+            self._watcher = BucketWatcher(self.pipeline, settle=self.settle)
+            threading.Thread(
+                target=self._watcher.run, args=(self._stop,), name="watcher", daemon=True
+            ).start()
+            if not self._watcher.ready.wait(10):
+                raise RuntimeError("the bucket watcher did not start within 10s")
+        if self.reconcile:
+            self.pipeline.reconcile()
+        if self.workers == 0:
+            self._local_worker = Worker(self.pipeline, self.functions)
+        self._procs = [self._spawn(i) for i in range(self.workers)]
+
+    def supervise(self) -> None:
+        """Restart workers that died (SIGKILL, out of memory, os._exit in user code)."""
+        for i, p in enumerate(self._procs):
+            if not p.is_alive() and not self._stop_workers.is_set():
+                log.warning("worker %s exited with %s; restarting", p.name, p.exitcode)
+                self._procs[i] = self._spawn(i)
+                self.restarts += 1
+
+    def stop(self) -> None:
+        """Finish in-flight work within the grace period, then hand the rest back."""
+        self._stop.set()
+        self._stop_workers.set()
+        deadline = time.monotonic() + self.grace
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker releases its message
+        for p in self._procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+    def tick(self, wait: float) -> None:
+        if self._local_worker is not None:
+            self._local_worker.poll(wait=wait)
+        else:
+            self._stop.wait(wait)
+        self.supervise()
+
+    def idle(self) -> bool:
+        watcher_busy = self._watcher is not None and self._watcher.busy
+        return not watcher_busy and self.pipeline.pending() == 0
+
+    # -- the two ways to run ---------------------------------------------------
+
+    def run_forever(self, on_tick: Callable[[], None] | None = None) -> None:
+        """Until SIGINT/SIGTERM: the long-running service."""
+        self._install_signal_handlers()
+        self.start()
+        try:
+            while not self._stop.is_set():
+                self.tick(0.2)
+                if on_tick is not None:
+                    on_tick()
+        finally:
+            self.stop()
+
+    def drain(
+        self, *, timeout: float | None = None, on_tick: Callable[[], None] | None = None
+    ) -> RunSummary:
+        """Process everything pending (reconciling first) and return when idle."""
+        started = time.time()
+        self._install_signal_handlers()
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            idle_since: float | None = None
+            while not self._stop.is_set():
+                self.tick(0.05)
+                if on_tick is not None:
+                    on_tick()
+                if self.idle():
+                    # Idle twice in a row, a tick apart: a worker's output
+                    # event may be on its way into another queue.
+                    if idle_since is not None:
+                        break
+                    idle_since = time.monotonic()
+                else:
+                    idle_since = None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"drain did not finish within {timeout}s: "
+                        f"{self.pipeline.pending()} messages still pending"
+                    )
+        finally:
+            self.stop()
+        return self.summary(started)
+
+    def summary(self, since: float) -> RunSummary:
+        s = RunSummary(seconds=time.time() - since)
+        for entry in entries_since(self.pipeline.db, since):
+            if entry.status == "done":
+                s.done += 1
+                s.inputs.append(entry.info.get("input", entry.key))
+                stats = entry.info.get("stats", {})
+                s.rows_in += stats.get("rows_in", 0)
+                s.rows_out += stats.get("rows_out", 0)
+                s.outputs.extend(entry.info.get("outputs", []))
+            elif entry.status == "failed":
+                s.failed += 1
+            elif entry.status == "skipped":
+                s.skipped += 1
+        for q in self.pipeline.queue_status():
+            if not q.is_dlq:
+                s.dead_lettered += q.dead_lettered
+        return s
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handle(signum: int, frame: object) -> None:
+            log.warning("signal %d: stopping (grace %.0fs)", signum, self.grace)
+            self._stop.set()
+
+        signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGTERM, handle)

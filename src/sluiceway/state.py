@@ -1,0 +1,165 @@
+"""The embedded state database: one SQLite file (WAL) for queues, ledger and stats.
+
+One file means one transaction can cover "this object was seen" and "its
+messages were queued", which is what makes event raising exactly-once on the
+embedded default without any coordinator. Every process opens its own
+connection; SQLite's WAL lets readers run beside the single writer, and the
+busy timeout turns lock contention into a bounded wait instead of an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SluicewayError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    id             TEXT NOT NULL,
+    queue          TEXT NOT NULL,
+    body           TEXT NOT NULL,
+    attributes     TEXT NOT NULL DEFAULT '{}',
+    sent_at        REAL NOT NULL,
+    visible_at     REAL NOT NULL,
+    receive_count  INTEGER NOT NULL DEFAULT 0,
+    receipt        TEXT,
+    failure        TEXT,
+    UNIQUE (queue, id)
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at);
+
+CREATE TABLE IF NOT EXISTS ledger (
+    key         TEXT PRIMARY KEY,
+    function    TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    owner       TEXT,
+    expires_at  REAL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    info        TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS ledger_function ON ledger (function, status);
+
+CREATE TABLE IF NOT EXISTS objects (
+    bucket   TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    etag     TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    seen_at  REAL NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (bucket, key, etag)
+);
+
+-- MD5s of local files by (path, size, mtime, inode): hashed once, not per start.
+CREATE TABLE IF NOT EXISTS etags (
+    path      TEXT PRIMARY KEY,
+    size      INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    ino       INTEGER NOT NULL,
+    etag      TEXT NOT NULL
+);
+"""
+
+
+class StateLocked(SluicewayError):
+    """The state database stayed locked by another process past the deadline."""
+
+
+class StateDB:
+    """A connection to the state database, safe to share between threads."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self.conn.executescript(SCHEMA)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=True,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            self._local.conn = conn
+            self._local.depth = 0
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; nested calls join the outer one.
+
+        ``BEGIN IMMEDIATE`` takes the write lock up front so two processes
+        never both read-then-write the same rows (no lost updates).
+        """
+        conn = self.conn
+        if self._local.depth:
+            self._local.depth += 1
+            try:
+                yield conn
+            finally:
+                self._local.depth -= 1
+            return
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StateLocked(
+                        f"state database {self.path} is locked by another process "
+                        f"(waited {self.busy_timeout:.0f}s)"
+                    ) from e
+                time.sleep(0.05)
+        self._local.depth = 1
+        try:
+            yield conn
+        except BaseException:
+            self._local.depth = 0
+            conn.execute("ROLLBACK")
+            raise
+        self._local.depth = 0
+        conn.execute("COMMIT")
+
+    def cached_etag(self, path: str, size: int, mtime_ns: int, ino: int) -> str | None:
+        row = self.conn.execute(
+            "SELECT etag FROM etags WHERE path = ? AND size = ? AND mtime_ns = ? AND ino = ?",
+            (path, size, mtime_ns, ino),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def store_etag(self, path: str, size: int, mtime_ns: int, ino: int, etag: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO etags (path, size, mtime_ns, ino, etag)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (path, size, mtime_ns, ino, etag),
+            )
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

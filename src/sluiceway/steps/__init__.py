@@ -1,0 +1,16 @@
+"""Built-in steps; importing this package registers them by name."""
+
+from . import parquet, python, read_csv  # noqa: F401 - registration side effects
+from .base import STEPS, StepContext, StepSpecError, StepType, parse_step, register
+from .python import handler, step
+
+__all__ = [
+    "STEPS",
+    "StepContext",
+    "StepSpecError",
+    "StepType",
+    "handler",
+    "parse_step",
+    "register",
+    "step",
+]

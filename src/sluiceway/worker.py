@@ -1,0 +1,247 @@
+"""Receive → claim → run → commit → ack, or retry, or dead-letter.
+
+The order is the promise: a message is acked only after its outputs are
+committed and the ledger says done. A crash anywhere before the ack means a
+re-delivery; the ledger turns a re-delivery of finished work into a plain
+ack, and deterministic output keys make a re-run of unfinished work rewrite
+the same objects. A heartbeat keeps the message hidden (and the claim alive)
+while a long file is still being worked on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .buckets.base import ObjectNotFound
+from .errors import InputError
+from .events import Event
+from .ledger import Claim
+from .pipeline import Pipeline
+from .queues.base import Message, Queue
+from .steps import STEPS, parse_step
+from .steps.base import StepContext, StepFn
+from .steps.python import resolve_handler
+
+log = logging.getLogger("sluiceway.worker")
+
+
+class Shutdown(BaseException):
+    """Raised in the worker's main thread when it must stop now (SIGTERM, grace over)."""
+
+
+@dataclass
+class Outcome:
+    status: str  # done | duplicate | busy | skipped | retry | dead
+    message_id: str
+    function: str
+    detail: dict[str, Any]
+
+
+class FunctionRunner:
+    """One function of the pipeline, built once per worker process."""
+
+    def __init__(self, pipeline: Pipeline, name: str) -> None:
+        self.pipeline = pipeline
+        self.name = name
+        self.config = pipeline.config.functions[name]
+        cfg = pipeline.config
+        self.handler = (
+            resolve_handler(self.config.handler, cfg.base_dir) if self.config.handler else None
+        )
+        self.steps: list[StepFn] = []
+        for raw in self.config.steps:
+            step_name, options = parse_step(raw)
+            self.steps.append(STEPS[step_name].build(options, cfg))
+
+    def run(self, ctx: StepContext) -> None:
+        if self.handler is not None:
+            result = self.handler(ctx.event, ctx)
+            if isinstance(result, Iterable) and not isinstance(result, str | bytes | dict):
+                for _ in result:
+                    pass
+            return
+        stream = None
+        for step in self.steps:
+            stream = step(ctx, stream)
+        if stream is not None:
+            for _ in stream:  # drive the chain; a sink consumes everything
+                pass
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (AWS's recommendation)."""
+    return random.uniform(0, min(cap, base * (2 ** max(attempt - 1, 0))))
+
+
+def failure_record(exc: BaseException, message: Message, worker_id: str) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "error_type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc))[-8000:],
+        "attempt": message.receive_count,
+        "worker": worker_id,
+        "at": time.time(),
+    }
+    if isinstance(exc, InputError):
+        record.update({"file": exc.file, "line": exc.line, "field": exc.field})
+    return record
+
+
+class _Heartbeat:
+    """Extends the message's visibility and the ledger claim while work goes on."""
+
+    def __init__(self, queue: Queue, message: Message, extend_claim: Callable[[], bool]) -> None:
+        self.queue = queue
+        self.message = message
+        self.extend_claim = extend_claim
+        self.interval = max(queue.spec.visibility_timeout / 3, 0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.queue.change_visibility(self.message, self.queue.spec.visibility_timeout)
+                self.extend_claim()
+            except Exception:  # a missed beat is retried next interval
+                log.exception("heartbeat failed for message %s", self.message.id)
+
+
+class Worker:
+    """Processes messages for some or all functions of a pipeline, in this process."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        functions: Iterable[str] | None = None,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        names = list(functions) if functions is not None else list(pipeline.config.functions)
+        self.runners = {n: FunctionRunner(pipeline, n) for n in names}
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = threading.Event()
+
+    def poll(self, wait: float = 0.0) -> list[Outcome]:
+        """Take and process at most one message per function; returns what happened."""
+        outcomes: list[Outcome] = []
+        names = list(self.runners)
+        random.shuffle(names)  # no function starves another
+        for name in names:
+            queue = self.pipeline.broker.queue(self.runners[name].config.queue)
+            for msg in queue.receive(1, wait=0.0):
+                outcomes.append(self.process(name, queue, msg))
+        if not outcomes and wait > 0:
+            # Block on one queue for the rest of the wait, so idle workers
+            # do not spin; messages on other queues wait at most `wait`.
+            name = names[0]
+            queue = self.pipeline.broker.queue(self.runners[name].config.queue)
+            for msg in queue.receive(1, wait=wait):
+                outcomes.append(self.process(name, queue, msg))
+        return outcomes
+
+    def run(self, *, idle_wait: float = 0.2, stop: threading.Event | None = None) -> None:
+        stop = stop or self.stopping
+        while not stop.is_set():
+            self.poll(wait=idle_wait)
+
+    def process(self, function: str, queue: Queue, msg: Message) -> Outcome:
+        runner = self.runners[function]
+        ledger = self.pipeline.ledger
+        try:
+            event = Event.from_json(msg.body)
+        except ValueError as e:
+            failure = failure_record(e, msg, self.worker_id)
+            failure["message"] = f"message {msg.id} is not an event envelope: {e}"
+            queue.dead_letter(msg, failure)
+            return Outcome("dead", msg.id, function, failure)
+
+        key = f"{function}|{event.input_identity}"
+        ttl = queue.spec.visibility_timeout
+        claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
+        if claim is Claim.DONE:
+            queue.ack([msg])
+            return Outcome("duplicate", msg.id, function, {"key": key})
+        if claim is Claim.BUSY:
+            # Someone else holds a live claim; look again after it would expire.
+            queue.change_visibility(msg, min(ttl, 5.0))
+            return Outcome("busy", msg.id, function, {"key": key})
+
+        ctx = StepContext(
+            event=event,
+            function=function,
+            buckets=self.pipeline.buckets,
+            attempt=msg.receive_count,
+        )
+        started = time.time()
+        try:
+            with _Heartbeat(
+                queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)
+            ):
+                runner.run(ctx)
+        except ObjectNotFound as e:
+            info = {"reason": str(e), "skipped_at": time.time()}
+            ledger.skip(key, owner=self.worker_id, info=info)
+            queue.ack([msg])
+            return Outcome("skipped", msg.id, function, info)
+        except Shutdown:
+            # Not the message's fault: hand it back untouched and now.
+            ledger.fail(key, owner=self.worker_id, info={"released": "shutdown"})
+            queue.change_visibility(msg, 0)
+            raise
+        except Exception as e:
+            return self._failed(function, queue, msg, key, e)
+
+        finished = time.time()
+        info = {
+            "event_id": event.id,
+            "input": ctx.input_name,
+            "outputs": ctx.outputs,
+            "stats": ctx.stats,
+            "attempt": msg.receive_count,
+            "worker": self.worker_id,
+            "started_at": started,
+            "finished_at": finished,
+            "seconds": round(finished - started, 6),
+        }
+        ledger.complete(key, owner=self.worker_id, info=info)
+        for out in ctx.outputs:
+            if "bucket" in out and "key" in out:
+                bucket = self.pipeline.bucket(out["bucket"])
+                self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+        queue.ack([msg])
+        return Outcome("done", msg.id, function, info)
+
+    def _failed(
+        self, function: str, queue: Queue, msg: Message, key: str, exc: Exception
+    ) -> Outcome:
+        failure = failure_record(exc, msg, self.worker_id)
+        failure["function"] = function
+        self.pipeline.ledger.fail(key, owner=self.worker_id, info={"last_failure": failure})
+        log.warning(
+            "%s failed on message %s (attempt %d): %s", function, msg.id, msg.receive_count, exc
+        )
+        if msg.receive_count >= queue.spec.max_receive_count:
+            queue.dead_letter(msg, failure)
+            return Outcome("dead", msg.id, function, failure)
+        delay = backoff(msg.receive_count, queue.spec.backoff_base, queue.spec.backoff_max)
+        queue.record_failure(msg, failure, delay)
+        return Outcome("retry", msg.id, function, {**failure, "retry_in": delay})
