@@ -268,7 +268,7 @@ def main() -> None:
     except ConfigError as e:
         err.print("[red]pipeline file has problems:[/red]")
         for problem in e.problems:
-            err.print(f"  {problem}", markup=False, highlight=False)
+            err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except SluicewayError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)

@@ -193,6 +193,7 @@ class Worker:
         )
         started = time.time()
         try:
+            self._check_version(event)
             with _Heartbeat(
                 queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)
             ):
@@ -229,6 +230,24 @@ class Worker:
                 self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
         queue.ack([msg])
         return Outcome("done", msg.id, function, info)
+
+    def _check_version(self, event: Event) -> None:
+        """Refuse to process a newer object under an older version's identity.
+
+        A local bucket keeps only the latest version; if the object changed
+        since this event, the new version has an event of its own.
+        """
+        if event.bucket is None or event.key is None or not event.etag:
+            return
+        bucket = self.pipeline.buckets.get(event.bucket)
+        if bucket is None:
+            return
+        current = bucket.head(event.key)  # ObjectNotFound: deleted, skipped
+        if current.etag != event.etag:
+            raise ObjectNotFound(
+                f"{event.bucket}/{event.key}: version {event.etag} was replaced by "
+                f"{current.etag}, which is processed under its own event"
+            )
 
     def _failed(
         self, function: str, queue: Queue, msg: Message, key: str, exc: Exception
