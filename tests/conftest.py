@@ -36,7 +36,11 @@ buckets:
 topics:
   landed: {subscriptions: [to-parquet]}
 queues:
-  to-parquet: {visibility_timeout: 30s, max_receive_count: 3, backoff_base: 0.01s, backoff_max: 0.05s}
+  to-parquet:
+    visibility_timeout: 30s
+    max_receive_count: 3
+    backoff_base: 0.01s
+    backoff_max: 0.05s
 rules:
   - name: new-csv
     pattern:

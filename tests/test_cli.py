@@ -51,7 +51,11 @@ def test_put_run_drain_status_and_dlq(write_pipeline: Callable[..., Path], tmp_p
 
     status = json.loads(sw("status", "--json", cwd=tmp_path).stdout)
     assert status["queues"]["to-parquet"] == {
-        "visible": 0, "in_flight": 0, "delayed": 0, "dead_lettered": 1, "is_dlq": False
+        "visible": 0,
+        "in_flight": 0,
+        "delayed": 0,
+        "dead_lettered": 1,
+        "is_dlq": False,
     }
     assert status["functions"]["csv-to-parquet"] == {"done": 1, "failed": 1}
     assert "to-parquet" in sw("status", cwd=tmp_path).stdout

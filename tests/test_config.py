@@ -60,7 +60,9 @@ def test_unknown_step_and_unknown_output_bucket() -> None:
             "{bucket: staging}", "{bucket: silver}"
         )
     )
-    assert any("functions.csv-to-parquet.steps.0" in p and "unknown step 'read_cvs'" in p for p in ps)
+    assert any(
+        "functions.csv-to-parquet.steps.0" in p and "unknown step 'read_cvs'" in p for p in ps
+    )
     assert any("steps.1.write_parquet.bucket: unknown bucket 'silver'" in p for p in ps)
 
 
@@ -73,13 +75,18 @@ def test_bad_duration_and_bad_yaml() -> None:
 
 def test_topic_subscribing_an_unknown_queue_and_a_queue_feeding_two_functions() -> None:
     text = BRONZE_TO_STAGING.replace("subscriptions: [to-parquet]", "subscriptions: [q2]")
-    text += textwrap.dedent(
-        """
+    text += (
+        textwrap.dedent(
+            """
           again:
             queue: to-parquet
             handler: os:getcwd
         """
-    ).replace("\n", "\n  ").rstrip() + "\n"
+        )
+        .replace("\n", "\n  ")
+        .rstrip()
+        + "\n"
+    )
     ps = problems(text)
     assert any("topics.landed.subscriptions.0: unknown queue 'q2'" in p for p in ps)
     assert any("functions.again.queue" in p and "already feeds" in p for p in ps)

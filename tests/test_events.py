@@ -9,7 +9,12 @@ def test_object_created_has_the_eventbridge_s3_shape() -> None:
     d = e.to_dict()
     assert d["detail-type"] == OBJECT_CREATED
     assert d["detail"]["bucket"] == {"name": "bronze"}
-    assert d["detail"]["object"] == {"key": "in/a.csv", "size": 12, "etag": "abc", "sequencer": "0001"}
+    assert d["detail"]["object"] == {
+        "key": "in/a.csv",
+        "size": 12,
+        "etag": "abc",
+        "sequencer": "0001",
+    }
     assert {"id", "time", "source", "version", "account", "region", "resources"} <= set(d)
     assert e.input_identity == "bronze/in/a.csv@abc"
 

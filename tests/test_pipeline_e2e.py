@@ -39,8 +39,12 @@ def test_put_converts_every_row(pipeline: Pipeline, tmp_path: Path) -> None:
     assert entry is not None and entry.status == "done"
     assert entry.info["stats"] == {"rows_in": 500, "rows_out": 500}
     assert entry.info["outputs"] == [
-        {"bucket": "staging", "key": "2026/11/customers.parquet", "rows": 500,
-         "bytes": out.stat().st_size}
+        {
+            "bucket": "staging",
+            "key": "2026/11/customers.parquet",
+            "rows": 500,
+            "bytes": out.stat().st_size,
+        }
     ]
     # The output's own "Object Created" event was raised (no rule matches it).
     assert [o.key for o in pipeline.buckets["staging"].list()] == ["2026/11/customers.parquet"]
@@ -53,7 +57,9 @@ def test_non_matching_objects_raise_no_messages(pipeline: Pipeline, tmp_path: Pa
     assert pipeline.pending() == 0
 
 
-def test_large_file_streams_in_many_batches(write_pipeline: Callable[..., Path], tmp_path: Path) -> None:
+def test_large_file_streams_in_many_batches(
+    write_pipeline: Callable[..., Path], tmp_path: Path
+) -> None:
     text = BRONZE_TO_STAGING.replace("- read_csv\n", "- read_csv: {block_size: 4096}\n")
     p = Pipeline.from_file(write_pipeline(text))
     records = make_csv(tmp_path / "big.csv", 20_000, seed=3)
@@ -120,7 +126,10 @@ def test_busy_claim_is_retried_later_not_failed(pipeline: Pipeline, tmp_path: Pa
     event = pipeline.put(tmp_path / "a.csv", "bronze", "a.csv")
     assert event is not None
     key = f"csv-to-parquet|{event.input_identity}"
-    assert pipeline.ledger.claim(key, function="csv-to-parquet", owner="other", ttl=60) is Claim.ACQUIRED
+    assert (
+        pipeline.ledger.claim(key, function="csv-to-parquet", owner="other", ttl=60)
+        is Claim.ACQUIRED
+    )
     [outcome] = Worker(pipeline).poll()
     assert outcome.status == "busy"
     assert pipeline.broker.queue("to-parquet").counts().in_flight == 1
@@ -146,8 +155,10 @@ def test_bad_inputs_end_in_the_dlq_and_good_ones_flow(pipeline: Pipeline, tmp_pa
     assert statuses.count("retry") == 2 * len(BAD_INPUTS)  # 3 receives each
     assert parquet_rows(tmp_path / "staging" / "good.parquet") == records
     dead = pipeline.broker.queue("to-parquet-dlq").peek()
-    by_key = {m.attributes and __import__("json").loads(m.body)["detail"]["object"]["key"]: m
-              for m in dead}
+    by_key = {
+        m.attributes and __import__("json").loads(m.body)["detail"]["object"]["key"]: m
+        for m in dead
+    }
     for name, (_, expected) in BAD_INPUTS.items():
         failure = by_key[name].failure
         assert failure is not None
@@ -180,7 +191,9 @@ def test_files_present_before_start_are_reconciled_once(
     summary = Runtime(path, workers=0, watch=False).drain(timeout=60)
     assert summary.done == 0
     assert sorted(o.key for o in Pipeline.from_file(path).buckets["staging"].list()) == [
-        "early0.parquet", "early1.parquet", "early2.parquet"
+        "early0.parquet",
+        "early1.parquet",
+        "early2.parquet",
     ]
 
 

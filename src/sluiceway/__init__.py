@@ -4,7 +4,7 @@ from .config import PipelineConfig, load, loads
 from .errors import ConfigError, InputError, PatternError, SluicewayError
 from .events import Event, object_created
 from .pipeline import Pipeline
-from .runtime import Runtime, RunSummary
+from .runtime import RunSummary, Runtime
 from .steps import StepContext, handler, step
 from .worker import Worker
 

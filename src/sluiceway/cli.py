@@ -106,9 +106,7 @@ def _print_summary(summary: Any, as_json: bool) -> None:
 @app.command()
 def run(
     pipeline: PipelineOpt = DEFAULT_PIPELINE,
-    drain: Annotated[
-        bool, typer.Option(help="Process everything pending, then exit.")
-    ] = False,
+    drain: Annotated[bool, typer.Option(help="Process everything pending, then exit.")] = False,
     workers: Annotated[
         int | None, typer.Option(help="Worker processes (default: one per core; 0 = inline).")
     ] = None,
@@ -172,15 +170,21 @@ def status(
     for name, q in data["queues"].items():
         label = f"{name} [dim](DLQ)[/dim]" if q["is_dlq"] else name
         qt.add_row(
-            label, str(q["visible"]), str(q["in_flight"]), str(q["delayed"]),
+            label,
+            str(q["visible"]),
+            str(q["in_flight"]),
+            str(q["delayed"]),
             "" if q["is_dlq"] else str(q["dead_lettered"]),
         )
     console.print(qt)
     ft = Table("function", "processed", "failed", "skipped", "in progress", title="Functions")
     for name, counts in data["functions"].items():
         ft.add_row(
-            name, str(counts.get("done", 0)), str(counts.get("failed", 0)),
-            str(counts.get("skipped", 0)), str(counts.get("in_progress", 0)),
+            name,
+            str(counts.get("done", 0)),
+            str(counts.get("failed", 0)),
+            str(counts.get("skipped", 0)),
+            str(counts.get("in_progress", 0)),
         )
     console.print(ft)
 
@@ -206,8 +210,12 @@ def dlq_list(
         console.print_json(
             json.dumps(
                 [
-                    {"id": m.id, "receive_count": m.receive_count, "failure": m.failure,
-                     "body": json.loads(m.body)}
+                    {
+                        "id": m.id,
+                        "receive_count": m.receive_count,
+                        "failure": m.failure,
+                        "body": json.loads(m.body),
+                    }
                     for m in messages
                 ]
             )
@@ -221,8 +229,9 @@ def dlq_list(
         except (ValueError, KeyError, TypeError, AttributeError):
             what = m.body[:60]
         f = m.failure or {}
-        table.add_row(m.id, what, str(m.receive_count),
-                      f"{f.get('error_type', '?')}: {f.get('message', '')}")
+        table.add_row(
+            m.id, what, str(m.receive_count), f"{f.get('error_type', '?')}: {f.get('message', '')}"
+        )
     console.print(table)
     console.print(f"{len(messages)} messages")
 

@@ -70,7 +70,9 @@ class RuleConfig(_Model):
 class FunctionConfig(_Model):
     queue: Name
     steps: list[dict[str, Any] | str] = Field(default_factory=list)
-    handler: str | None = Field(None, pattern=r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[A-Za-z0-9][\w.-]*)$")
+    handler: str | None = Field(
+        None, pattern=r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[A-Za-z0-9][\w.-]*)$"
+    )
     timeout: Duration = 900.0
     batch_size: int = Field(1, ge=1, le=100)
 

@@ -63,8 +63,10 @@ class Pipeline:
         for name, url in self.config.buckets.items():
             if "://" in url and not url.startswith("file://"):
                 raise ConfigError(
-                    [f"{self.config.source}: buckets.{name}: {url!r}: only local directories "
-                     "(file:// or a path) are supported by this version"]
+                    [
+                        f"{self.config.source}: buckets.{name}: {url!r}: only local directories "
+                        "(file:// or a path) are supported by this version"
+                    ]
                 )
             out[name] = LocalBucket(name, self.config.resolve_path(url), etag_cache=self.db)
         return out

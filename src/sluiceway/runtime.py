@@ -33,9 +33,7 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise Shutdown()
 
 
-def worker_main(
-    pipeline_path: str, stop: Any, functions: list[str] | None, worker_id: str
-) -> None:
+def worker_main(pipeline_path: str, stop: Any, functions: list[str] | None, worker_id: str) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, _raise_shutdown)

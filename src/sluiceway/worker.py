@@ -194,9 +194,7 @@ class Worker:
         started = time.time()
         try:
             self._check_version(event)
-            with _Heartbeat(
-                queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)
-            ):
+            with _Heartbeat(queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)):
                 runner.run(ctx)
         except ObjectNotFound as e:
             info = {"reason": str(e), "skipped_at": time.time()}

@@ -166,7 +166,9 @@ class QueueMachine(RuleBasedStateMachine):
 
         self.dir = tempfile.TemporaryDirectory()
         specs = {
-            "q": QueueSpec("q", visibility_timeout=1000, max_receive_count=3, dead_letter_queue="d"),
+            "q": QueueSpec(
+                "q", visibility_timeout=1000, max_receive_count=3, dead_letter_queue="d"
+            ),
             "d": QueueSpec("d"),
         }
         self.broker = SqliteBroker(StateDB(Path(self.dir.name) / "s.db"), specs)
@@ -215,6 +217,8 @@ class QueueMachine(RuleBasedStateMachine):
 
 TestQueueStateMachine = QueueMachine.TestCase
 TestQueueStateMachine.settings = settings(
-    max_examples=30, stateful_step_count=30, deadline=None,
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

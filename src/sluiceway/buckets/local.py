@@ -161,7 +161,7 @@ class LocalBucket(Bucket):
 
     def open_read(self, key: str) -> BinaryIO:
         try:
-            return open(self.path_of(key), "rb")  # noqa: SIM115 - caller closes
+            return open(self.path_of(key), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"{self.name}/{key}: no such object") from None
 

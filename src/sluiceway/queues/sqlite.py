@@ -170,9 +170,7 @@ class SqliteQueue(Queue):
             attributes = dict(message.attributes)
             attributes["source_queue"] = self.name
             attributes["dead_lettered_at"] = time.time()
-            conn.execute(
-                "DELETE FROM messages WHERE queue = ? AND id = ?", (self.name, message.id)
-            )
+            conn.execute("DELETE FROM messages WHERE queue = ? AND id = ?", (self.name, message.id))
             conn.execute(
                 "INSERT OR REPLACE INTO messages"
                 " (id, queue, body, attributes, sent_at, visible_at, receive_count, failure)"
