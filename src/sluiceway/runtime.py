@@ -21,12 +21,18 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from .activity import Activity, Doing
 from .ledger import entries_since
 from .pipeline import Pipeline
+from .queues.base import Message
 from .watcher import BucketWatcher
 from .worker import Shutdown, Worker
 
 log = logging.getLogger("sluiceway.runtime")
+
+# How long past its deadline a worker may go (the in-process alarm should have
+# fired) before the supervisor kills it: a hang inside C code.
+OVERRUN_GRACE = 5.0
 
 
 def _raise_shutdown(signum: int, frame: object) -> None:
@@ -37,9 +43,12 @@ def worker_main(pipeline_path: str, stop: Any, functions: list[str] | None, work
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, _raise_shutdown)
-    logging.basicConfig(level=os.environ.get("SLUICEWAY_LOG", "WARNING"))
+    logging.basicConfig(
+        level=os.environ.get("SLUICEWAY_LOG", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     pipeline = Pipeline.from_file(pipeline_path)
-    worker = Worker(pipeline, functions, worker_id=worker_id)
+    worker = Worker(pipeline, functions, worker_id=worker_id, enforce_timeouts=True)
     try:
         while not stop.is_set():
             worker.poll(wait=0.2)
@@ -91,19 +100,18 @@ class Runtime:
         self._procs: list[BaseProcess] = []
         self._watcher: BucketWatcher | None = None
         self._local_worker: Worker | None = None
+        self.activity = Activity(self.pipeline.db)
         self.restarts = 0
 
     # -- lifecycle -----------------------------------------------------------
 
+    def worker_id(self, index: int) -> str:
+        return f"{os.uname().nodename}:{os.getpid()}:w{index}"
+
     def _spawn(self, index: int) -> BaseProcess:
         p = self._ctx.Process(
             target=worker_main,
-            args=(
-                self.pipeline_path,
-                self._stop_workers,
-                self.functions,
-                f"{os.uname().nodename}:w{index}",
-            ),
+            args=(self.pipeline_path, self._stop_workers, self.functions, self.worker_id(index)),
             name=f"sluiceway-worker-{index}",
             daemon=False,
         )
@@ -125,12 +133,48 @@ class Runtime:
         self._procs = [self._spawn(i) for i in range(self.workers)]
 
     def supervise(self) -> None:
-        """Restart workers that died (SIGKILL, out of memory, os._exit in user code)."""
+        """Restart workers that died; kill and blame workers that overran a timeout.
+
+        A death (SIGKILL, out of memory, ``os._exit`` in user code) or an
+        overrun is recorded on the message the worker was processing, which
+        becomes visible again at once: after ``max_receive_count`` such
+        receives it reaches the DLQ with that reason.
+        """
+        now = time.time()
         for i, p in enumerate(self._procs):
-            if not p.is_alive() and not self._stop_workers.is_set():
-                log.warning("worker %s exited with %s; restarting", p.name, p.exitcode)
-                self._procs[i] = self._spawn(i)
-                self.restarts += 1
+            doing = self.activity.doing(self.worker_id(i))
+            if p.is_alive() and doing is not None and now > doing.deadline + OVERRUN_GRACE:
+                log.error("worker %s overran %s's timeout; killing it", p.name, doing.function)
+                p.kill()
+                p.join(5)
+                self._blame(doing, "FunctionTimeout", "exceeded its timeout and was killed")
+                continue
+            if p.is_alive() or self._stop_workers.is_set():
+                continue
+            code = p.exitcode
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            log.warning("worker %s ended with %s; restarting", p.name, how)
+            if doing is not None:
+                self._blame(doing, "WorkerDied", f"worker process ended with {how}")
+            self._procs[i] = self._spawn(i)
+            self.restarts += 1
+
+    def _blame(self, doing: Doing, error_type: str, what: str) -> None:
+        queue = self.pipeline.broker.queue(doing.queue)
+        failure = {
+            "error_type": error_type,
+            "message": f"function {doing.function!r} {what} while processing message "
+            f"{doing.message_id}",
+            "worker": doing.worker,
+            "function": doing.function,
+            "at": time.time(),
+        }
+        msg = Message(doing.message_id, doing.queue, "", {}, 0, doing.receipt, 0.0)
+        queue.record_failure(msg, failure, retry_in=0)
+        self.pipeline.ledger.fail(
+            doing.ledger_key, owner=doing.worker, info={"last_failure": failure}
+        )
+        self.activity.finish(doing.worker)
 
     def stop(self) -> None:
         """Finish in-flight work within the grace period, then hand the rest back."""

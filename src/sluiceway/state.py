@@ -58,6 +58,21 @@ CREATE TABLE IF NOT EXISTS objects (
     PRIMARY KEY (bucket, key, etag)
 );
 
+-- What each worker process is doing now: lets the supervisor blame the right
+-- message when a worker dies or overruns its function's timeout.
+CREATE TABLE IF NOT EXISTS activity (
+    worker      TEXT PRIMARY KEY,
+    pid         INTEGER NOT NULL,
+    function    TEXT,
+    queue       TEXT,
+    message_id  TEXT,
+    receipt     TEXT,
+    ledger_key  TEXT,
+    started_at  REAL,
+    deadline    REAL,
+    updated_at  REAL NOT NULL
+);
+
 -- MD5s of local files by (path, size, mtime, inode): hashed once, not per start.
 CREATE TABLE IF NOT EXISTS etags (
     path      TEXT PRIMARY KEY,

@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from .activity import Activity
 from .buckets.base import ObjectNotFound
 from .errors import InputError
 from .events import Event
@@ -36,6 +39,35 @@ log = logging.getLogger("sluiceway.worker")
 
 class Shutdown(BaseException):
     """Raised in the worker's main thread when it must stop now (SIGTERM, grace over)."""
+
+
+class FunctionTimeout(Exception):
+    """The function ran past its ``timeout``; the message is failed and retried."""
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise FunctionTimeout()
+
+
+@contextmanager
+def time_limit(seconds: float, enabled: bool, what: str) -> Iterator[None]:
+    """Interrupt the main thread after ``seconds`` (worker processes only).
+
+    SIGALRM interrupts Python code and sleeps; a hang inside C code that never
+    returns is caught by the supervisor instead, which kills the process.
+    """
+    if not enabled:
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except FunctionTimeout:
+        raise FunctionTimeout(f"{what} exceeded its timeout of {seconds:g}s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -133,8 +165,11 @@ class Worker:
         functions: Iterable[str] | None = None,
         *,
         worker_id: str | None = None,
+        enforce_timeouts: bool = False,
     ) -> None:
         self.pipeline = pipeline
+        self.enforce_timeouts = enforce_timeouts
+        self.activity = Activity(pipeline.db)
         names = list(functions) if functions is not None else list(pipeline.config.functions)
         self.runners = {n: FunctionRunner(pipeline, n) for n in names}
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -192,11 +227,25 @@ class Worker:
             attempt=msg.receive_count,
         )
         started = time.time()
+        timeout = runner.config.timeout
+        self.activity.start(
+            self.worker_id,
+            function=function,
+            queue=queue.name,
+            message_id=msg.id,
+            receipt=msg.receipt,
+            ledger_key=key,
+            timeout=timeout,
+        )
         try:
             self._check_version(event)
-            with _Heartbeat(queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)):
+            with (
+                _Heartbeat(queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)),
+                time_limit(timeout, self.enforce_timeouts, f"function {function!r}"),
+            ):
                 runner.run(ctx)
         except ObjectNotFound as e:
+            self.activity.finish(self.worker_id)
             info = {"reason": str(e), "skipped_at": time.time()}
             ledger.skip(key, owner=self.worker_id, info=info)
             queue.ack([msg])
@@ -205,8 +254,10 @@ class Worker:
             # Not the message's fault: hand it back untouched and now.
             ledger.fail(key, owner=self.worker_id, info={"released": "shutdown"})
             queue.change_visibility(msg, 0)
+            self.activity.finish(self.worker_id)
             raise
         except Exception as e:
+            self.activity.finish(self.worker_id)
             return self._failed(function, queue, msg, key, e)
 
         finished = time.time()
@@ -227,6 +278,7 @@ class Worker:
                 bucket = self.pipeline.bucket(out["bucket"])
                 self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
         queue.ack([msg])
+        self.activity.finish(self.worker_id)
         return Outcome("done", msg.id, function, info)
 
     def _check_version(self, event: Event) -> None:
