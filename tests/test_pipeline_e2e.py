@@ -80,7 +80,7 @@ def test_same_version_put_twice_is_processed_once(pipeline: Pipeline, tmp_path: 
     assert pipeline.put(tmp_path / "a.csv", "bronze", "a.csv") is not None
     assert drain_inline(pipeline) == ["done"]
     assert parquet_rows(tmp_path / "staging" / "a.parquet") == records
-    assert pipeline.function_status()["csv-to-parquet"] == {"done": 2}
+    assert pipeline.function_status()["csv-to-parquet"] == {"done": 1, "superseded": 1}
 
 
 def test_redelivery_after_commit_before_ack_is_only_acked(

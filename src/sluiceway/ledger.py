@@ -145,6 +145,28 @@ class SqliteLedger(Ledger):
             info=json.loads(row["info"]),
         )
 
+    def other_versions(self, function: str, input_prefix: str, current: str) -> list[Entry]:
+        """Finished entries of the same function and input, other than ``current``.
+
+        ``input_prefix`` is the identity without its version (``bucket/key@``):
+        a new version's outputs replace those of the versions before it.
+        """
+        escaped = input_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.db.conn.execute(
+            "SELECT key FROM ledger WHERE function = ? AND status = 'done' AND key != ?"
+            " AND key LIKE ? ESCAPE '\\'",
+            (function, current, f"{function}|{escaped}%"),
+        ).fetchall()
+        return [e for r in rows if (e := self.get(r[0])) is not None]
+
+    def supersede(self, key: str) -> None:
+        """A later version of the same input replaced this one's outputs."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE ledger SET status = 'superseded', updated_at = ? WHERE key = ?",
+                (time.time(), key),
+            )
+
     def function_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for fn, status, n in self.db.conn.execute(

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from . import faults
 from .activity import Activity
 from .buckets.base import ObjectNotFound
 from .errors import InputError
@@ -272,7 +273,10 @@ class Worker:
             "finished_at": finished,
             "seconds": round(finished - started, 6),
         }
+        faults.point("after_commit")
+        self._remove_replaced_outputs(function, event, key, ctx.outputs)
         ledger.complete(key, owner=self.worker_id, info=info)
+        faults.point("after_done")
         for out in ctx.outputs:
             if "bucket" in out and "key" in out:
                 bucket = self.pipeline.bucket(out["bucket"])
@@ -280,6 +284,26 @@ class Worker:
         queue.ack([msg])
         self.activity.finish(self.worker_id)
         return Outcome("done", msg.id, function, info)
+
+    def _remove_replaced_outputs(
+        self, function: str, event: Event, key: str, outputs: list[dict[str, Any]]
+    ) -> None:
+        """Delete what earlier versions of this input wrote and this one did not.
+
+        A new version of a partitioned file may touch other partitions than
+        the old one did; its old rows must not linger there. Done before the
+        ledger marks this version done, so a crash in between repeats it.
+        """
+        if event.bucket is None or event.key is None:
+            return
+        kept = {(o.get("bucket"), o.get("key")) for o in outputs}
+        prefix = f"{event.bucket}/{event.key}@"
+        for old in self.pipeline.ledger.other_versions(function, prefix, key):
+            for out in old.info.get("outputs", []):
+                where = (out.get("bucket"), out.get("key"))
+                if where not in kept and out.get("bucket") in self.pipeline.buckets:
+                    self.pipeline.bucket(out["bucket"]).delete(out["key"])
+            self.pipeline.ledger.supersede(old.key)
 
     def _check_version(self, event: Event) -> None:
         """Refuse to process a newer object under an older version's identity.

@@ -8,6 +8,8 @@ tests, and everything else in Sluiceway is written against this file only.
 from __future__ import annotations
 
 import abc
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -73,6 +75,16 @@ class Bucket(abc.ABC):
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as f:
             return f.read()
+
+    def put_file(self, key: str, path: str) -> ObjectInfo:
+        """Publish a finished local file as ``key`` (the file may be moved away)."""
+        with open(path, "rb") as src, self.open_write(key) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return self.head(key)
+
+    def scratch_dir(self) -> AbstractContextManager[str]:
+        """A private directory for files about to be published with ``put_file``."""
+        return tempfile.TemporaryDirectory(prefix="sluiceway-")
 
     def local_path(self, key: str) -> str | None:
         """A filesystem path for ``key`` when the bucket has one (fast paths)."""

@@ -1,17 +1,26 @@
-"""``write_parquet``: record batches into one Parquet object, committed atomically.
+"""``write_parquet``: record batches into Parquet, committed atomically.
 
-The output key is derived from the input key, never from time or a counter,
-so a re-delivered message rewrites the same object with the same bytes
-instead of adding a second copy.
+Unpartitioned, one object per input; partitioned (``partition_by``), a
+Hive-style dataset written by PyArrow's dataset writer into a scratch
+directory and then published file by file. Either way every name is derived
+from the input's key, never from time or a counter, so a re-delivered message
+rewrites the same objects with the same bytes instead of adding copies.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from .. import faults
 from ..errors import InputError
 from .base import Batches, StepContext, StepFn, StepOptions, StepSpecError, StepType, register
 
@@ -47,11 +56,71 @@ def render_key(template: str, bucket: str, key: str) -> str:
     return out.lstrip("/")
 
 
+DERIVED_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
+
+
 class WriteParquetOptions(StepOptions):
     bucket: str
     key: str = "{path}.parquet"
     compression: Literal["snappy", "zstd", "gzip", "lz4", "brotli", "none"] = "snappy"
     row_group_size: int = Field(1 << 20, ge=1)
+    # Hive partitioning: column names, or {date|year|month|day|hour: column}.
+    partition_by: list[str | dict[str, str]] | None = None
+    # With partition_by: the dataset's root, from the same fields as `key`.
+    dataset: str = "{dir}"
+    max_open_files: int = Field(256, ge=1)
+
+    @field_validator("partition_by")
+    @classmethod
+    def _check_parts(
+        cls, parts: list[str | dict[str, str]] | None
+    ) -> list[str | dict[str, str]] | None:
+        for part in parts or []:
+            if isinstance(part, dict) and (len(part) != 1 or next(iter(part)) not in DERIVED_PARTS):
+                raise ValueError(
+                    f"a derived partition is one of {sorted(DERIVED_PARTS)}: column, got {part}"
+                )
+        if parts is not None and not parts:
+            raise ValueError("partition_by needs at least one column")
+        return parts
+
+
+def _partition_spec(parts: list[str | dict[str, str]]) -> list[tuple[str, str, str | None]]:
+    """``[country, {date: created_at}]`` → ``[(country, country, None), (date, created_at, fmt)]``
+
+    (a name, the column it comes from, and a strftime format when derived).
+    """
+    out: list[tuple[str, str, str | None]] = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append((part, part, None))
+        else:
+            name, column = next(iter(part.items()))
+            out.append((name, column, DERIVED_PARTS[name]))
+    return out
+
+
+def _derive(batch: pa.RecordBatch, name: str, column: str, fmt: str, where: str) -> pa.Array:
+    """A partition value computed from a date or timestamp column."""
+    values = batch.column(column)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        try:
+            values = pc.cast(values, pa.timestamp("us"))
+        except pa.ArrowInvalid as e:
+            raise InputError(
+                f"cannot derive partition {name!r} from column {column!r}: {e}",
+                file=where,
+                field=column,
+            ) from None
+    if pa.types.is_date(values.type):
+        values = pc.cast(values, pa.timestamp("s"))
+    if not pa.types.is_timestamp(values.type):
+        raise InputError(
+            f"partition {name!r} needs a date or timestamp column, {column!r} is {values.type}",
+            file=where,
+            field=column,
+        )
+    return pc.strftime(values, format=fmt)
 
 
 @register
@@ -64,18 +133,22 @@ class WriteParquet(StepType):
         assert isinstance(opts, WriteParquetOptions)
         if opts.bucket not in cfg.buckets:
             raise StepSpecError(f"unknown bucket {opts.bucket!r}", (self.name, "bucket"))
-        try:
-            render_key(opts.key, "b", "dir/file.csv")
-        except (KeyError, IndexError, ValueError) as e:
-            raise StepSpecError(
-                f"bad key template {opts.key!r}: unknown field {e} "
-                "(use {path}, {key}, {name}, {stem}, {ext}, {dir}, {bucket})",
-                (self.name, "key"),
-            ) from None
+        for field in ("key", "dataset"):
+            template = getattr(opts, field)
+            try:
+                render_key(template, "b", "dir/file.csv")
+            except (KeyError, IndexError, ValueError) as e:
+                raise StepSpecError(
+                    f"bad template {template!r}: unknown field {e} "
+                    "(use {path}, {key}, {name}, {stem}, {ext}, {dir}, {bucket})",
+                    (self.name, field),
+                ) from None
 
     def build(self, raw: Any, cfg: PipelineConfig) -> StepFn:
         opts = self.options(raw)
         assert isinstance(opts, WriteParquetOptions)
+        if opts.partition_by:
+            return self._build_partitioned(opts)
         compression = None if opts.compression == "none" else opts.compression
 
         def write_parquet(ctx: StepContext, batches: Batches | None) -> Batches:
@@ -91,6 +164,7 @@ class WriteParquet(StepType):
                         if writer is None:
                             writer = pq.ParquetWriter(f, batch.schema, compression=compression)
                         writer.write_batch(batch, row_group_size=opts.row_group_size)
+                        faults.point("during_write")
                         rows += batch.num_rows
                 finally:
                     if writer is not None:
@@ -105,3 +179,76 @@ class WriteParquet(StepType):
             return iter(())
 
         return write_parquet
+
+    def _build_partitioned(self, opts: WriteParquetOptions) -> StepFn:
+        assert opts.partition_by
+        spec = _partition_spec(opts.partition_by)
+        compression = None if opts.compression == "none" else opts.compression
+
+        def with_partitions(ctx: StepContext, batches: Batches) -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                for name, column, fmt in spec:
+                    if column not in batch.schema.names:
+                        raise InputError(
+                            f"partition column {column!r} is not in the data "
+                            f"(columns: {', '.join(batch.schema.names)})",
+                            file=ctx.input_name,
+                            field=column,
+                        )
+                    if fmt is None:
+                        continue
+                    value = _derive(batch, name, column, fmt, ctx.input_name)
+                    if name in batch.schema.names:
+                        batch = batch.drop_columns([name])
+                    batch = batch.append_column(name, value)
+                yield batch
+                faults.point("during_write")
+
+        def write_partitioned(ctx: StepContext, batches: Batches | None) -> Batches:
+            assert batches is not None, "write_parquet needs a step before it"
+            event = ctx.event
+            root = render_key(opts.dataset, event.bucket or "", event.key or event.id).strip("/")
+            ident = hashlib.sha1(event.input_identity.rsplit("@", 1)[0].encode()).hexdigest()[:16]
+            stream = with_partitions(ctx, batches)
+            first = next(stream, None)
+            if first is None:
+                raise InputError("no rows to write", file=ctx.input_name)
+
+            def chained() -> Iterator[pa.RecordBatch]:
+                yield first
+                yield from stream
+
+            reader = pa.RecordBatchReader.from_batches(first.schema, chained())
+            partitioning = ds.partitioning(
+                pa.schema([first.schema.field(name) for name, _, _ in spec]).with_metadata({}),
+                flavor="hive",
+            )
+            bucket = ctx.bucket(opts.bucket)
+            written: list[tuple[str, int]] = []
+            with bucket.scratch_dir() as scratch:
+                ds.write_dataset(
+                    reader,
+                    scratch,
+                    format="parquet",
+                    partitioning=partitioning,
+                    basename_template=f"part-{ident}-{{i}}.parquet",
+                    existing_data_behavior="overwrite_or_ignore",
+                    max_open_files=opts.max_open_files,
+                    file_options=ds.ParquetFileFormat().make_write_options(compression=compression),
+                    file_visitor=lambda f: written.append(
+                        (f.path, f.metadata.num_rows if f.metadata is not None else 0)
+                    ),
+                )
+                rows = 0
+                for path, n in sorted(written):
+                    rel = os.path.relpath(path, scratch).replace(os.sep, "/")
+                    key = f"{root}/{rel}" if root else rel
+                    info = bucket.put_file(key, path)
+                    rows += n
+                    ctx.outputs.append(
+                        {"bucket": opts.bucket, "key": key, "rows": n, "bytes": info.size}
+                    )
+            ctx.count("rows_out", rows)
+            return iter(())
+
+        return write_partitioned
