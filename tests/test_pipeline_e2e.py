@@ -37,7 +37,7 @@ def test_put_converts_every_row(pipeline: Pipeline, tmp_path: Path) -> None:
     assert parquet_rows(out) == records
     entry = pipeline.ledger.get(f"csv-to-parquet|{event.input_identity}")
     assert entry is not None and entry.status == "done"
-    assert entry.info["stats"] == {"rows_in": 500, "rows_out": 500}
+    assert entry.info["stats"] == {"rows_in": 500, "rows_out": 500, "rows_written": 500}
     assert entry.info["outputs"] == [
         {
             "bucket": "staging",

@@ -67,6 +67,17 @@ class RuleConfig(_Model):
     targets: list[Name] = Field(min_length=1)
 
 
+class TableConfig(_Model):
+    key: list[str] = Field(min_length=1)
+
+
+class DestinationConfig(_Model):
+    """Where a function sends its per-input summaries or its error messages."""
+
+    queue: Name | None = None
+    topic: Name | None = None
+
+
 class FunctionConfig(_Model):
     queue: Name
     steps: list[dict[str, Any] | str] = Field(default_factory=list)
@@ -75,6 +86,8 @@ class FunctionConfig(_Model):
     )
     timeout: Duration = 900.0
     batch_size: int = Field(1, ge=1, le=100)
+    on_success: DestinationConfig | None = None
+    on_error: DestinationConfig | None = None
 
 
 class PipelineConfig(_Model):
@@ -84,6 +97,7 @@ class PipelineConfig(_Model):
     buckets: dict[Name, str] = Field(default_factory=dict)
     topics: dict[Name, TopicConfig] = Field(default_factory=dict)
     queues: dict[Name, QueueConfig | None] = Field(default_factory=dict)
+    tables: dict[Name, TableConfig] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
     functions: dict[Name, FunctionConfig] = Field(default_factory=dict)
 
@@ -228,6 +242,10 @@ def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
             problems.add(("functions", name), "give 'steps' or a 'handler'")
         if fn.steps and fn.handler:
             problems.add(("functions", name, "handler"), "give 'steps' or a 'handler', not both")
+        for field in ("on_success", "on_error"):
+            dest = getattr(fn, field)
+            if dest is not None:
+                _check_destination(cfg, dest, ("functions", name, field), problems)
         if fn.handler:
             try:
                 resolve_handler(fn.handler, cfg.base_dir)
@@ -239,6 +257,18 @@ def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
                 STEPS[step_name].check(options, cfg)
             except StepSpecError as e:
                 problems.add(("functions", name, "steps", j, *e.path), e.message)
+
+
+def _check_destination(
+    cfg: PipelineConfig, dest: DestinationConfig, path: tuple[Any, ...], problems: _Problems
+) -> None:
+    """A message destination: exactly one of a known queue or a known topic."""
+    if (dest.queue is None) == (dest.topic is None):
+        problems.add(path, "give exactly one of 'queue' or 'topic'")
+    elif dest.queue is not None and dest.queue not in cfg.queues:
+        problems.add((*path, "queue"), f"unknown queue {dest.queue!r}")
+    elif dest.topic is not None and dest.topic not in cfg.topics:
+        problems.add((*path, "topic"), f"unknown topic {dest.topic!r}")
 
 
 def _bucket_names_in(pattern: dict[str, Any]) -> list[Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,10 +23,12 @@ from .config import PipelineConfig
 from .errors import ConfigError
 from .events import Event, object_created
 from .ledger import SqliteLedger
-from .queues.base import QueueCounts, QueueSpec
+from .queues.base import OutgoingMessage, QueueCounts, QueueSpec
 from .queues.sqlite import SqliteBroker
 from .router import Router
 from .state import StateDB
+from .tables.base import Table
+from .tables.sqlite import SqliteTable
 
 STATE_FILE = "state.db"
 
@@ -96,6 +100,50 @@ class Pipeline:
     @cached_property
     def router(self) -> Router:
         return Router.from_config(self.config.rules, self.broker, set(self.config.topics))
+
+    @cached_property
+    def tables(self) -> dict[str, Table]:
+        return {name: SqliteTable(self.db, name, t.key) for name, t in self.config.tables.items()}
+
+    def publish_once(
+        self,
+        messages: Sequence[OutgoingMessage],
+        *,
+        queue: str | None = None,
+        topic: str | None = None,
+    ) -> int:
+        """Send messages whose ids were never sent to this destination; returns how many.
+
+        The "sent" record and the messages share one transaction, so a crash
+        leaves both or neither and a re-run of the same input sends nothing
+        twice, even after the first copies were consumed.
+        """
+        if (queue is None) == (topic is None):
+            raise ValueError("give exactly one of queue or topic")
+        dest = f"queue:{queue}" if queue is not None else f"topic:{topic}"
+        now = time.time()
+        with self.db.transaction() as conn:
+            fresh = [
+                m
+                for m in messages
+                if conn.execute(
+                    "INSERT OR IGNORE INTO sent (id, sent_at) VALUES (?, ?)",
+                    (f"{dest}|{m.id}", now),
+                ).rowcount
+            ]
+            if fresh:
+                if topic is not None:
+                    self.broker.publish(topic, fresh)
+                else:
+                    self.broker.queue(queue).send_batch(fresh)  # type: ignore[arg-type]
+        return len(fresh)
+
+    def forget_sent(self, older_than: float) -> int:
+        """Drop "sent" records older than ``older_than`` seconds (a retention window)."""
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM sent WHERE sent_at < ?", (time.time() - older_than,)
+            ).rowcount
 
     def bucket(self, name: str) -> Bucket:
         try:

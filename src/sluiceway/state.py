@@ -73,6 +73,21 @@ CREATE TABLE IF NOT EXISTS activity (
     updated_at  REAL NOT NULL
 );
 
+-- Table items (the embedded default's DynamoDB): JSON by table and key.
+CREATE TABLE IF NOT EXISTS items (
+    table_name  TEXT NOT NULL,
+    pk          TEXT NOT NULL,
+    item        TEXT NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (table_name, pk)
+);
+
+-- Ids of messages a function has published, so a re-run publishes none twice.
+CREATE TABLE IF NOT EXISTS sent (
+    id       TEXT PRIMARY KEY,
+    sent_at  REAL NOT NULL
+);
+
 -- MD5s of local files by (path, size, mtime, inode): hashed once, not per start.
 CREATE TABLE IF NOT EXISTS etags (
     path      TEXT PRIMARY KEY,

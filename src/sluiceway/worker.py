@@ -10,6 +10,7 @@ while a long file is still being worked on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -26,11 +27,12 @@ from typing import Any
 from . import faults
 from .activity import Activity
 from .buckets.base import ObjectNotFound
+from .config import DestinationConfig
 from .errors import InputError
 from .events import Event
 from .ledger import Claim
 from .pipeline import Pipeline
-from .queues.base import Message, Queue
+from .queues.base import Message, OutgoingMessage, Queue
 from .steps import STEPS, parse_step
 from .steps.base import StepContext, StepFn
 from .steps.python import resolve_handler
@@ -103,11 +105,22 @@ class FunctionRunner:
                     pass
             return
         stream = None
-        for step in self.steps:
+        last = len(self.steps) - 1
+        for i, step in enumerate(self.steps):
+            if i == last and stream is not None:
+                stream = _counted(ctx, "rows_out", stream)
             stream = step(ctx, stream)
         if stream is not None:
             for _ in stream:  # drive the chain; a sink consumes everything
                 pass
+
+
+def _counted(ctx: StepContext, name: str, batches: Iterator[Any]) -> Iterator[Any]:
+    """Count rows on their way into the last step: the function's rows out."""
+    ctx.stats.setdefault(name, 0)
+    for batch in batches:
+        ctx.count(name, batch.num_rows)
+        yield batch
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -226,6 +239,8 @@ class Worker:
             function=function,
             buckets=self.pipeline.buckets,
             attempt=msg.receive_count,
+            tables=self.pipeline.tables,
+            publish=self.pipeline.publish_once,
         )
         started = time.time()
         timeout = runner.config.timeout
@@ -274,6 +289,7 @@ class Worker:
             "seconds": round(finished - started, 6),
         }
         faults.point("after_commit")
+        self._notify(runner.config.on_success, f"{key}#summary", {"status": "done", **info})
         self._remove_replaced_outputs(function, event, key, ctx.outputs)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
@@ -284,6 +300,17 @@ class Worker:
         queue.ack([msg])
         self.activity.finish(self.worker_id)
         return Outcome("done", msg.id, function, info)
+
+    def _notify(
+        self, dest: DestinationConfig | None, message_id: str, body: dict[str, Any]
+    ) -> None:
+        """A function's summary or error message, sent once per input version."""
+        if dest is None:
+            return
+        msg = OutgoingMessage(
+            json.dumps(body, default=str), {"function": body.get("function")}, message_id
+        )
+        self.pipeline.publish_once([msg], queue=dest.queue, topic=dest.topic)
 
     def _remove_replaced_outputs(
         self, function: str, event: Event, key: str, outputs: list[dict[str, Any]]
@@ -333,6 +360,11 @@ class Worker:
             "%s failed on message %s (attempt %d): %s", function, msg.id, msg.receive_count, exc
         )
         if msg.receive_count >= queue.spec.max_receive_count:
+            self._notify(
+                self.runners[function].config.on_error,
+                f"{key}#failed",
+                {"status": "dead-lettered", "input": key.split("|", 1)[1], **failure},
+            )
             queue.dead_letter(msg, failure)
             return Outcome("dead", msg.id, function, failure)
         delay = backoff(msg.receive_count, queue.spec.backoff_base, queue.spec.backoff_max)

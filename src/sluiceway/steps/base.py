@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..buckets.base import Bucket
 from ..events import Event
+from ..tables.base import Table
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -47,6 +48,10 @@ class StepContext:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("sluiceway.step"))
+    tables: Mapping[str, Table] = field(default_factory=dict)
+    # publish(messages, queue=None, topic=None) -> how many were new; each
+    # message id is sent at most once, however often the input is re-run.
+    publish: Callable[..., int] | None = None
 
     def count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n
@@ -59,6 +64,9 @@ class StepContext:
 
     def bucket(self, name: str) -> Bucket:
         return self.buckets[name]
+
+    def table(self, name: str) -> Table:
+        return self.tables[name]
 
 
 class StepOptions(BaseModel):

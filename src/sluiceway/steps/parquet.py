@@ -172,7 +172,7 @@ class WriteParquet(StepType):
                 if writer is None:
                     raise InputError("no rows to write", file=ctx.input_name)
             info = bucket.head(out_key)
-            ctx.count("rows_out", rows)
+            ctx.count("rows_written", rows)
             ctx.outputs.append(
                 {"bucket": opts.bucket, "key": out_key, "rows": rows, "bytes": info.size}
             )
@@ -248,7 +248,7 @@ class WriteParquet(StepType):
                     ctx.outputs.append(
                         {"bucket": opts.bucket, "key": key, "rows": n, "bytes": info.size}
                     )
-            ctx.count("rows_out", rows)
+            ctx.count("rows_written", rows)
             return iter(())
 
         return write_partitioned
