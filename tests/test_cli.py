@@ -57,8 +57,23 @@ def test_put_run_drain_status_and_dlq(write_pipeline: Callable[..., Path], tmp_p
         "dead_lettered": 1,
         "is_dlq": False,
     }
-    assert status["functions"]["csv-to-parquet"] == {"done": 1, "failed": 1}
-    assert "to-parquet" in sw("status", cwd=tmp_path).stdout
+    fn = status["functions"]["csv-to-parquet"]
+    assert (fn["processed"], fn["failed"]) == (1, 1)
+    assert fn["counters"]["rows_in"] == fn["counters"]["rows_out"] == 40
+    assert fn["bytes_in"] == (tmp_path / "good.csv").stat().st_size
+    assert fn["latency_p50"] is not None and fn["latency_p50"] > 0
+    text = sw("status", cwd=tmp_path).stdout
+    assert "to-parquet" in text and "latency p99" in text
+
+    traced = json.loads(sw("trace", "bronze/in/good.csv", "--json", cwd=tmp_path).stdout)
+    assert len(traced["versions"]) == 1
+    [processing] = traced["processing"]
+    assert processing["status"] == "done" and processing["attempts"] == 1
+    assert processing["info"]["outputs"][0]["key"] == "in/good.parquet"
+    text = sw("trace", "bronze/in/bad.csv", cwd=tmp_path).stdout
+    assert "failed after 3 attempt(s)" in text and "empty file" in text
+    assert "dead-lettered in to-parquet-dlq" in text
+    assert sw("trace", "bronze/nothing.csv", cwd=tmp_path, check=False).returncode == 1
 
     dead = json.loads(sw("dlq", "list", "to-parquet", "--json", cwd=tmp_path).stdout)
     assert len(dead) == 1

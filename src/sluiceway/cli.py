@@ -177,16 +177,100 @@ def status(
             "" if q["is_dlq"] else str(q["dead_lettered"]),
         )
     console.print(qt)
-    ft = Table("function", "processed", "failed", "skipped", "in progress", title="Functions")
-    for name, counts in data["functions"].items():
+    ft = Table(
+        "function",
+        "processed",
+        "failed",
+        "skipped",
+        "rows in",
+        "rows out",
+        "rejected",
+        "bytes in",
+        "latency p50",
+        "latency p99",
+        title="Functions",
+    )
+
+    def secs(v: float | None) -> str:
+        return "" if v is None else f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s"
+
+    for name, m in data["functions"].items():
+        c = m["counters"]
         ft.add_row(
             name,
-            str(counts.get("done", 0)),
-            str(counts.get("failed", 0)),
-            str(counts.get("skipped", 0)),
-            str(counts.get("in_progress", 0)),
+            str(m["processed"]),
+            str(m["failed"]),
+            str(m["skipped"]),
+            f"{c.get('rows_in', 0):,}",
+            f"{c.get('rows_out', 0):,}",
+            f"{c.get('rows_rejected', 0):,}",
+            f"{m['bytes_in']:,}",
+            secs(m["latency_p50"]),
+            secs(m["latency_p99"]),
         )
     console.print(ft)
+
+
+@app.command()
+def trace(
+    target: Annotated[str, typer.Argument(help="BUCKET/KEY of an input object.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What happened to this file: its events, attempts, outputs and rejects."""
+    from .metrics import trace as trace_object
+
+    p = _load(pipeline)
+    bucket, key = _split_target(target)
+    data = trace_object(p, bucket, key)
+    if json_out:
+        console.print_json(json.dumps(data, default=str))
+        return
+    if not data["versions"]:
+        console.print(f"{target}: no event was ever raised for this object")
+        raise typer.Exit(1)
+    for v in data["versions"]:
+        console.print(
+            f"[bold]{target}[/bold] version {v['etag']} ({v['size']:,} bytes), "
+            f"event {v['event_id']}"
+        )
+    for e in data["processing"]:
+        info = e["info"]
+        console.print(
+            f"  {e['function']}: [bold]{e['status']}[/bold] after {e['attempts']} "
+            f"attempt(s) {json.dumps(info.get('stats', {}))}"
+        )
+        for out in info.get("outputs", []):
+            console.print(f"    → {out['bucket']}/{out['key']} ({out.get('rows', '?')} rows)")
+        failure = info.get("last_failure")
+        if failure:
+            console.print(
+                f"    last error: {failure.get('error_type')}: {failure.get('message')}",
+                highlight=False,
+            )
+    for m in data["messages"]:
+        where = "dead-lettered in" if m["queue"].endswith("-dlq") else "waiting in"
+        console.print(
+            f"  message {m['id']} {where} {m['queue']} (received {m['receive_count']} times)"
+        )
+
+
+table_app = typer.Typer(help="Look at tables.", no_args_is_help=True)
+app.add_typer(table_app, name="table")
+
+
+@table_app.command("scan")
+def table_scan(
+    name: Annotated[str, typer.Argument(help="Table name.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    limit: int = 20,
+) -> None:
+    """Print items of a table as JSON Lines."""
+    p = _load(pipeline)
+    if name not in p.tables:
+        raise typer.BadParameter(f"unknown table {name!r} (tables: {', '.join(p.tables)})")
+    for item in p.tables[name].scan(limit):
+        print(json.dumps(item, ensure_ascii=False))
 
 
 def _dlq_name(p: Pipeline, queue: str) -> str:

@@ -90,6 +90,14 @@ class Event:
         return (self.detail.get("object") or {}).get("etag")
 
     @property
+    def timestamp(self) -> float:
+        """``time`` as epoch seconds (now, if it cannot be parsed)."""
+        try:
+            return datetime.fromisoformat(self.time.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return datetime.now(UTC).timestamp()
+
+    @property
     def input_identity(self) -> str:
         """What makes this input unique: the object version, or the event id.
 

@@ -218,6 +218,8 @@ class Pipeline:
         return total
 
     def status(self) -> dict[str, Any]:
+        from .metrics import function_metrics
+
         return {
             "pipeline": self.name,
             "queues": {
@@ -230,7 +232,7 @@ class Pipeline:
                 }
                 for q in self.queue_status()
             },
-            "functions": self.function_status(),
+            "functions": {name: m.to_dict() for name, m in function_metrics(self).items()},
         }
 
     def close(self) -> None:

@@ -287,6 +287,10 @@ class Worker:
             "started_at": started,
             "finished_at": finished,
             "seconds": round(finished - started, 6),
+            "event_time": event.timestamp,
+            "latency": round(finished - event.timestamp, 6),
+            "bytes_in": (event.detail.get("object") or {}).get("size", 0),
+            "detail_type": event.detail_type,
         }
         faults.point("after_commit")
         self._notify(runner.config.on_success, f"{key}#summary", {"status": "done", **info})
