@@ -168,7 +168,7 @@ def test_bad_inputs_end_in_the_dlq_and_good_ones_flow(pipeline: Pipeline, tmp_pa
         assert by_key[name].receive_count == 3
     status = pipeline.status()
     assert status["queues"]["to-parquet"]["dead_lettered"] == len(BAD_INPUTS)
-    assert status["functions"]["csv-to-parquet"] == {"done": 1, "failed": len(BAD_INPUTS)}
+    assert pipeline.function_status()["csv-to-parquet"] == {"done": 1, "failed": len(BAD_INPUTS)}
 
 
 def test_deleted_input_is_skipped_not_retried(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -78,8 +78,20 @@ class DestinationConfig(_Model):
     topic: Name | None = None
 
 
+class StreamConfig(_Model):
+    """A stream (Kinesis): ordered records that stream functions consume exactly once."""
+
+    # Records every consuming function has committed are dropped after this
+    # long (null: kept forever); unconsumed records are never dropped.
+    retention: Duration | None = 7 * 86_400.0
+    # One live consumer per stream function: its lease expires after this long
+    # without renewal (a holder that died on this host is replaced at once).
+    lease_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 30.0
+
+
 class FunctionConfig(_Model):
-    queue: Name
+    queue: Name | None = None
+    stream: Name | None = None  # instead of a queue: consume a stream (see streams/)
     steps: list[dict[str, Any] | str] = Field(default_factory=list)
     handler: str | None = Field(
         None, pattern=r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[A-Za-z0-9][\w.-]*)$"
@@ -93,10 +105,13 @@ class FunctionConfig(_Model):
 class PipelineConfig(_Model):
     pipeline: Name
     state_dir: str = ".sluiceway"
+    # How long to wait for the state database when another process holds it.
+    state_timeout: Duration = 30.0
     imports: list[str] = Field(default_factory=list)
     buckets: dict[Name, str] = Field(default_factory=dict)
     topics: dict[Name, TopicConfig] = Field(default_factory=dict)
     queues: dict[Name, QueueConfig | None] = Field(default_factory=dict)
+    streams: dict[Name, StreamConfig | None] = Field(default_factory=dict)
     tables: dict[Name, TableConfig] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
     functions: dict[Name, FunctionConfig] = Field(default_factory=dict)
@@ -107,6 +122,9 @@ class PipelineConfig(_Model):
 
     def queue_config(self, name: str) -> QueueConfig:
         return self.queues.get(name) or QueueConfig()
+
+    def stream_config(self, name: str) -> StreamConfig:
+        return self.streams.get(name) or StreamConfig()
 
     def dead_letter_queue(self, name: str) -> str:
         return self.queue_config(name).dead_letter_queue or f"{name}-dlq"
@@ -169,7 +187,7 @@ def _pydantic_problems(problems: _Problems, err: ValidationError) -> None:
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # Union members add their class name to the location; drop those.
-        loc = tuple(p for p in loc if p not in ("QueueConfig",))
+        loc = tuple(p for p in loc if p not in ("QueueConfig", "StreamConfig"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling)"
@@ -230,7 +248,9 @@ def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
 
     fed: dict[str, str] = {}
     for name, fn in cfg.functions.items():
-        if fn.queue not in queue_names:
+        if fn.stream is not None or fn.queue is None:
+            _check_stream_function(cfg, name, fn, problems)
+        elif fn.queue not in queue_names:
             problems.add(("functions", name, "queue"), f"unknown queue {fn.queue!r}")
         elif fn.queue in fed:
             problems.add(
@@ -255,8 +275,52 @@ def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
             try:
                 step_name, options = parse_step(raw)
                 STEPS[step_name].check(options, cfg)
+                if fn.stream is None and getattr(STEPS[step_name], "stream_only", False):
+                    raise StepSpecError(
+                        f"{step_name} works in stream functions only (give 'stream:', not "
+                        "'queue:')",
+                        (step_name,),
+                    )
             except StepSpecError as e:
                 problems.add(("functions", name, "steps", j, *e.path), e.message)
+
+
+def _check_stream_function(
+    cfg: PipelineConfig, name: str, fn: FunctionConfig, problems: _Problems
+) -> None:
+    """A stream function: a known stream, steps (no handler), a dataset writer last."""
+    from .steps import STEPS, StepSpecError, parse_step
+
+    where = ("functions", name)
+    if fn.stream is None:
+        problems.add(where, "give 'queue' (messages) or 'stream' (a stream's records)")
+        return
+    if fn.queue is not None:
+        problems.add((*where, "stream"), "give 'queue' or 'stream', not both")
+    if fn.stream not in cfg.streams:
+        known = ", ".join(sorted(cfg.streams)) or "none"
+        problems.add((*where, "stream"), f"unknown stream {fn.stream!r} (streams: {known})")
+    if fn.handler:
+        problems.add((*where, "handler"), "stream functions take 'steps', not a 'handler'")
+    for j, raw in enumerate(fn.steps):
+        try:
+            step_type = STEPS[parse_step(raw)[0]]
+        except StepSpecError:
+            continue  # reported with the other step problems
+        if step_type.source:
+            problems.add(
+                (*where, "steps", j),
+                f"{step_type.name} reads objects; stream functions get their stream's records",
+            )
+        last = j == len(fn.steps) - 1
+        if last and not getattr(step_type, "stream_sink", False):
+            problems.add(
+                (*where, "steps", j),
+                "the last step of a stream function must be write_dataset (its flushes "
+                "are committed exactly once)",
+            )
+        elif not last and getattr(step_type, "stream_sink", False):
+            problems.add((*where, "steps", j), f"{step_type.name} must be the last step")
 
 
 def _check_destination(

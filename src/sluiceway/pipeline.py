@@ -27,6 +27,7 @@ from .queues.base import OutgoingMessage, QueueCounts, QueueSpec
 from .queues.sqlite import SqliteBroker
 from .router import Router
 from .state import StateDB
+from .streams.base import Stream
 from .tables.base import Table
 from .tables.sqlite import SqliteTable
 
@@ -59,7 +60,7 @@ class Pipeline:
 
     @cached_property
     def db(self) -> StateDB:
-        return StateDB(self.config.state_path / STATE_FILE)
+        return StateDB(self.config.state_path / STATE_FILE, busy_timeout=self.config.state_timeout)
 
     @cached_property
     def buckets(self) -> dict[str, Bucket]:
@@ -104,6 +105,65 @@ class Pipeline:
     @cached_property
     def tables(self) -> dict[str, Table]:
         return {name: SqliteTable(self.db, name, t.key) for name, t in self.config.tables.items()}
+
+    @cached_property
+    def streams(self) -> dict[str, Stream]:
+        """The pipeline's streams (SQLite tables in the state database)."""
+        from .streams.sqlite import SqliteStream
+
+        return {name: SqliteStream(self.db, name) for name in self.config.streams}
+
+    def stream(self, name: str) -> Stream:
+        try:
+            return self.streams[name]
+        except KeyError:
+            known = ", ".join(sorted(self.streams)) or "none"
+            raise ConfigError([f"unknown stream {name!r} (streams: {known})"]) from None
+
+    def append_events(self, stream: str, events: Sequence[Any]) -> list[int]:
+        """Check events (raises EventError naming each bad one) and append them all, or none."""
+        from .streams.events import check_events
+
+        target = self.stream(stream)
+        return target.append(check_events(events))
+
+    def stream_status(self) -> dict[str, Any]:
+        """Per stream: length and head; per consuming function: checkpoint, lag, counts."""
+        from .streams.consumer import lease_name
+        from .streams.lease import Lease
+
+        out: dict[str, Any] = {}
+        conn = self.db.conn
+        for name, stream in self.streams.items():
+            last = stream.last_seq()
+            consumers: dict[str, Any] = {}
+            for fname, fn in self.config.functions.items():
+                if fn.stream != name:
+                    continue
+                checkpoint = stream.checkpoint(fname)
+                intent = conn.execute(
+                    "SELECT from_seq, to_seq FROM stream_flushes WHERE consumer = ?", (fname,)
+                ).fetchone()
+                counts = {
+                    r["event_name"]: {
+                        k: r[k] for k in ("records", "duplicates", "written", "rejected")
+                    }
+                    for r in conn.execute(
+                        "SELECT * FROM stream_stats WHERE consumer = ? ORDER BY event_name",
+                        (fname,),
+                    )
+                }
+                holder = Lease.holder(self.db, lease_name(name, fname))
+                consumers[fname] = {
+                    "checkpoint": checkpoint,
+                    "lag": max(0, last - checkpoint),
+                    "unfinished_flush": None if intent is None else [intent[0], intent[1]],
+                    "lease_owner": None if holder is None else holder["owner"],
+                    "totals": counts.pop("*", {}),
+                    "by_event_name": counts,
+                }
+            out[name] = {"last_seq": last, "length": stream.length(), "consumers": consumers}
+        return out
 
     def publish_once(
         self,
@@ -212,7 +272,12 @@ class Pipeline:
     def pending(self) -> int:
         """Messages not yet finished in the queues that feed functions."""
         total = 0
-        for fn in self.config.functions.values():
+        for name, fn in self.config.functions.items():
+            if fn.stream is not None:  # records not yet committed by the function
+                stream = self.stream(fn.stream)
+                total += max(0, stream.last_seq() - stream.checkpoint(name))
+                continue
+            assert fn.queue is not None
             c = self.broker.queue(fn.queue).counts()
             total += c.visible + c.in_flight + c.delayed
         return total
@@ -233,6 +298,7 @@ class Pipeline:
                 for q in self.queue_status()
             },
             "functions": {name: m.to_dict() for name, m in function_metrics(self).items()},
+            **({"streams": self.stream_status()} if self.config.streams else {}),
         }
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .activity import Activity, Doing
+from .buckets.local import LocalBucket
 from .ledger import entries_since
 from .pipeline import Pipeline
 from .queues.base import Message
@@ -39,7 +40,13 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise Shutdown()
 
 
-def worker_main(pipeline_path: str, stop: Any, functions: list[str] | None, worker_id: str) -> None:
+def worker_main(
+    pipeline_path: str,
+    stop: Any,
+    functions: list[str] | None,
+    worker_id: str,
+    drain: Any = None,
+) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, _raise_shutdown)
@@ -48,13 +55,15 @@ def worker_main(pipeline_path: str, stop: Any, functions: list[str] | None, work
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     pipeline = Pipeline.from_file(pipeline_path)
-    worker = Worker(pipeline, functions, worker_id=worker_id, enforce_timeouts=True)
+    worker = Worker(pipeline, functions, worker_id=worker_id, enforce_timeouts=True, drain=drain)
+    parent = mp.parent_process()  # a SIGKILLed runtime leaves no orphan workers behind
     try:
-        while not stop.is_set():
+        while not stop.is_set() and (parent is None or parent.is_alive()):
             worker.poll(wait=0.2)
     except Shutdown:
         pass
     finally:
+        worker.close()
         pipeline.close()
 
 
@@ -96,6 +105,7 @@ class Runtime:
         self.reconcile = reconcile
         self._ctx = mp.get_context("spawn")
         self._stop_workers = self._ctx.Event()
+        self._drain_workers = self._ctx.Event()  # set by drain(): stream functions flush when idle
         self._stop = threading.Event()
         self._procs: list[BaseProcess] = []
         self._watcher: BucketWatcher | None = None
@@ -111,7 +121,13 @@ class Runtime:
     def _spawn(self, index: int) -> BaseProcess:
         p = self._ctx.Process(
             target=worker_main,
-            args=(self.pipeline_path, self._stop_workers, self.functions, self.worker_id(index)),
+            args=(
+                self.pipeline_path,
+                self._stop_workers,
+                self.functions,
+                self.worker_id(index),
+                self._drain_workers,
+            ),
             name=f"sluiceway-worker-{index}",
             daemon=False,
         )
@@ -126,10 +142,11 @@ class Runtime:
             ).start()
             if not self._watcher.ready.wait(10):
                 raise RuntimeError("the bucket watcher did not start within 10s")
+        self.sweep()
         if self.reconcile:
             self.pipeline.reconcile()
         if self.workers == 0:
-            self._local_worker = Worker(self.pipeline, self.functions)
+            self._local_worker = Worker(self.pipeline, self.functions, drain=self._drain_workers)
         self._procs = [self._spawn(i) for i in range(self.workers)]
 
     def supervise(self) -> None:
@@ -156,8 +173,15 @@ class Runtime:
             log.warning("worker %s ended with %s; restarting", p.name, how)
             if doing is not None:
                 self._blame(doing, "WorkerDied", f"worker process ended with {how}")
+            self.sweep()
             self._procs[i] = self._spawn(i)
             self.restarts += 1
+
+    def sweep(self) -> None:
+        """Clear the aside-files of dead writers in every local bucket."""
+        for bucket in self.pipeline.buckets.values():
+            if isinstance(bucket, LocalBucket):
+                bucket.sweep()
 
     def _blame(self, doing: Doing, error_type: str, what: str) -> None:
         queue = self.pipeline.broker.queue(doing.queue)
@@ -180,6 +204,8 @@ class Runtime:
         """Finish in-flight work within the grace period, then hand the rest back."""
         self._stop.set()
         self._stop_workers.set()
+        if self._local_worker is not None:
+            self._local_worker.close()
         deadline = time.monotonic() + self.grace
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -223,6 +249,7 @@ class Runtime:
         """Process everything pending (reconciling first) and return when idle."""
         started = time.time()
         self._install_signal_handlers()
+        self._drain_workers.set()
         self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:

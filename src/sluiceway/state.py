@@ -96,7 +96,78 @@ CREATE TABLE IF NOT EXISTS etags (
     ino       INTEGER NOT NULL,
     etag      TEXT NOT NULL
 );
+
+-- Streams (the embedded Kinesis): records in append order under per-stream
+-- sequence numbers. The head keeps the last seq, so a trim never reuses one,
+-- and the last append time, so arrival times never go backwards.
+CREATE TABLE IF NOT EXISTS stream_heads (
+    stream            TEXT PRIMARY KEY,
+    last_seq          INTEGER NOT NULL,
+    last_appended_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stream_records (
+    stream       TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    appended_at  REAL NOT NULL,
+    data         TEXT NOT NULL,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
+-- The last seq each consumer (a stream function) has committed.
+CREATE TABLE IF NOT EXISTS stream_checkpoints (
+    stream      TEXT NOT NULL,
+    consumer    TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (stream, consumer)
+);
+-- Leases with expiry: one live consumer per stream function, one compaction per dataset.
+CREATE TABLE IF NOT EXISTS leases (
+    name        TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    expires_at  REAL NOT NULL
+);
+-- A stream flush's intent (seq range, files), written before its first file and
+-- deleted by the commit; one left behind by a crash is replayed exactly.
+CREATE TABLE IF NOT EXISTS stream_flushes (
+    consumer    TEXT PRIMARY KEY,
+    stream      TEXT NOT NULL,
+    from_seq    INTEGER NOT NULL,
+    to_seq      INTEGER NOT NULL,
+    files       TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+-- Dedup keys with expiry (stream arrival time + window); purged by the index.
+CREATE TABLE IF NOT EXISTS dedup_keys (
+    scope       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_keys_expiry ON dedup_keys (scope, expires_at);
+-- Running counts per stream function and event name (totals under '*').
+CREATE TABLE IF NOT EXISTS stream_stats (
+    consumer    TEXT NOT NULL,
+    event_name  TEXT NOT NULL,
+    records     INTEGER NOT NULL DEFAULT 0,
+    duplicates  INTEGER NOT NULL DEFAULT 0,
+    written     INTEGER NOT NULL DEFAULT 0,
+    rejected    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (consumer, event_name)
+);
 """
+
+
+def _statements(script: str) -> list[str]:
+    """Split a SQL script into statements (``;`` inside comments is not an end)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf)
+            buf = ""
+    return out
 
 
 class StateLocked(SluicewayError):
@@ -111,7 +182,9 @@ class StateDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
         self._local = threading.local()
-        self.conn.executescript(SCHEMA)
+        with self.transaction() as conn:
+            for statement in _statements(SCHEMA):
+                conn.execute(statement)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -124,12 +197,29 @@ class StateDB:
                 check_same_thread=True,
             )
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             self._local.conn = conn
             self._local.depth = 0
         return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL, waiting (bounded) if another process holds the database."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StateLocked(
+                        f"state database {self.path} is locked by another process "
+                        f"(waited {self.busy_timeout:g}s)"
+                    ) from e
+                time.sleep(0.05)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -157,7 +247,7 @@ class StateDB:
                 if time.monotonic() >= deadline:
                     raise StateLocked(
                         f"state database {self.path} is locked by another process "
-                        f"(waited {self.busy_timeout:.0f}s)"
+                        f"(waited {self.busy_timeout:g}s)"
                     ) from e
                 time.sleep(0.05)
         self._local.depth = 1

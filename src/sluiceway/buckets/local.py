@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -31,6 +32,16 @@ PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
 def is_ignored_name(name: str) -> bool:
     """Hidden files and in-progress downloads are not objects."""
     return name.startswith(".") or name.endswith(PARTIAL_SUFFIXES)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def md5_file(path: str | os.PathLike[str]) -> str:
@@ -171,7 +182,7 @@ class LocalBucket(Bucket):
     def open_write(self, key: str, *, if_absent: bool = False) -> Iterator[BinaryIO]:
         target = self.path_of(key)
         self._tmp.mkdir(exist_ok=True)
-        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
         f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
         writer = _HashingWriter(f)
         try:
@@ -198,7 +209,30 @@ class LocalBucket(Bucket):
     def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
         # Inside the bucket, so put_file is a rename on the same filesystem.
         self._tmp.mkdir(exist_ok=True)
-        return tempfile.TemporaryDirectory(prefix="scratch-", dir=self._tmp)
+        return tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-scratch-", dir=self._tmp)
+
+    def sweep(self) -> int:
+        """Remove what writers that died (SIGKILL, power loss) left aside.
+
+        Every temporary name starts with its writer's pid; entries of pids
+        that no longer run are garbage. Readers never saw them, since they
+        were never published, so removing them changes nothing visible.
+        """
+        removed = 0
+        try:
+            entries = list(self._tmp.iterdir())
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            pid_text = entry.name.split("-", 1)[0]
+            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def put_file(self, key: str, path: str) -> ObjectInfo:
         target = self.path_of(key)
