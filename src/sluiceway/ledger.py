@@ -116,7 +116,7 @@ class SqliteLedger(Ledger):
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE ledger SET status = ?, expires_at = NULL, updated_at = ?, info = ?"
-                " WHERE key = ? AND owner = ?",
+                " WHERE key = ? AND owner = ? AND status = 'in_progress'",  # done stays done
                 (status, time.time(), json.dumps(info, default=str), key, owner),
             )
 

@@ -164,8 +164,8 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self.extend_claim()  # first: the message stays hidden while the claim lives
                 self.queue.change_visibility(self.message, self.queue.spec.visibility_timeout)
-                self.extend_claim()
             except Exception:  # a missed beat is retried next interval
                 log.exception("heartbeat failed for message %s", self.message.id)
 
@@ -180,13 +180,23 @@ class Worker:
         *,
         worker_id: str | None = None,
         enforce_timeouts: bool = False,
+        drain: Any = None,
     ) -> None:
+        from .streams.consumer import StreamConsumer
+
         self.pipeline = pipeline
         self.enforce_timeouts = enforce_timeouts
         self.activity = Activity(pipeline.db)
         names = list(functions) if functions is not None else list(pipeline.config.functions)
-        self.runners = {n: FunctionRunner(pipeline, n) for n in names}
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        # Stream functions consume a stream (streams/consumer.py), not a queue.
+        is_stream = {n: pipeline.config.functions[n].stream is not None for n in names}
+        self.runners = {n: FunctionRunner(pipeline, n) for n in names if not is_stream[n]}
+        self.consumers = {
+            n: StreamConsumer(pipeline, n, worker_id=self.worker_id) for n in names if is_stream[n]
+        }
+        # Set (an Event) while draining: stream functions flush once caught up.
+        self.drain = drain
         self.stopping = threading.Event()
 
     def poll(self, wait: float = 0.0) -> list[Outcome]:
@@ -198,7 +208,13 @@ class Worker:
             queue = self.pipeline.broker.queue(self.runners[name].config.queue)
             for msg in queue.receive(1, wait=0.0):
                 outcomes.append(self.process(name, queue, msg))
-        if not outcomes and wait > 0:
+        flush_idle = self.drain is not None and self.drain.is_set()
+        for name, consumer in self.consumers.items():
+            for r in consumer.poll(flush_idle=flush_idle):
+                outcomes.append(Outcome(r.status, r.id, name, r.info))
+        if not outcomes and wait > 0 and not names:
+            self.stopping.wait(wait)  # only stream functions: nothing to block on
+        elif not outcomes and wait > 0:
             # Block on one queue for the rest of the wait, so idle workers
             # do not spin; messages on other queues wait at most `wait`.
             name = names[0]
@@ -211,6 +227,11 @@ class Worker:
         stop = stop or self.stopping
         while not stop.is_set():
             self.poll(wait=idle_wait)
+
+    def close(self) -> None:
+        """Release stream leases so a successor takes over without waiting for expiry."""
+        for consumer in self.consumers.values():
+            consumer.close()
 
     def process(self, function: str, queue: Queue, msg: Message) -> Outcome:
         runner = self.runners[function]
@@ -233,6 +254,7 @@ class Worker:
             # Someone else holds a live claim; look again after it would expire.
             queue.change_visibility(msg, min(ttl, 5.0))
             return Outcome("busy", msg.id, function, {"key": key})
+        queue.change_visibility(msg, ttl)  # hidden at least as long as the claim just taken
 
         ctx = StepContext(
             event=event,

@@ -14,3 +14,6 @@ __all__ = [
     "register",
     "step",
 ]
+
+# Stream steps (registration side effects); after the rest, which they build on.
+from . import dataset, dedup  # noqa: F401

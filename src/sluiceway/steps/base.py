@@ -52,6 +52,18 @@ class StepContext:
     # publish(messages, queue=None, topic=None) -> how many were new; each
     # message id is sent at most once, however often the input is re-run.
     publish: Callable[..., int] | None = None
+    # Requests a later step (``validate``) makes of the source. The worker
+    # calls every step function before the sink pulls the first batch, so a
+    # step can set these when called and the source sees them when it starts
+    # reading; a source that cannot honour them ignores them.
+    #   read_as_text: read every column as text (the later step casts);
+    #   line_column: add each row's physical line number under this name;
+    #   malformed_rows: a list instead of None means rows the source cannot
+    #     split into the right fields are appended to it as
+    #     {"line", "text", "reason"} (counted in rows_in) instead of failing.
+    read_as_text: bool = False
+    line_column: str | None = None
+    malformed_rows: list[dict[str, Any]] | None = None
 
     def count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n

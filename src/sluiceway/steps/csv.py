@@ -36,17 +36,25 @@ import tempfile
 import threading
 import zipfile
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from sluiceway.errors import InputError
 
-__all__ = ["COMPRESSIONS", "TYPE_NAMES", "CsvOptions", "arrow_type", "read_csv_batches"]
+__all__ = [
+    "COMPRESSIONS",
+    "TYPE_NAMES",
+    "CsvOptions",
+    "MalformedRow",
+    "arrow_type",
+    "read_csv_batches",
+]
 
 #: Values accepted for :attr:`CsvOptions.compression`.
 COMPRESSIONS = ("auto", "none", "gzip", "zip")
@@ -110,6 +118,11 @@ class CsvOptions:
     ...) and string columns never become null; when given, exactly these values
     are null, in string columns too.
 
+    ``line_column`` adds an ``int64`` column of that name holding the physical
+    line (1-based) each row starts on, so a later step can name the line of a
+    bad value; it is null for the rows of a block whose lines could not be
+    worked out (line endings other than LF or CRLF).
+
     Invalid options raise ``ValueError`` at construction, before any file is
     touched, because they are configuration mistakes rather than bad input.
     """
@@ -122,6 +135,7 @@ class CsvOptions:
     block_size: int = 8 << 20
     null_values: list[str] | None = None
     all_strings: bool = False
+    line_column: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.delimiter) != 1 or self.delimiter in '"\r\n':
@@ -144,6 +158,26 @@ class CsvOptions:
                 arrow_type(type_name)
             except ValueError as exc:
                 raise ValueError(f"column_types[{column!r}]: {exc}") from None
+        if self.line_column is not None and not self.line_column:
+            raise ValueError("line_column must be a non-empty column name")
+
+
+@dataclass(frozen=True)
+class MalformedRow:
+    """A row with the wrong number of fields, skipped instead of failing the file.
+
+    ``line`` is the physical line the row starts on, or ``None`` when it could
+    not be placed; ``text`` is the row as written, without its line ending.
+    """
+
+    line: int | None
+    text: str
+    expected: int
+    actual: int
+
+    @property
+    def reason(self) -> str:
+        return f"expected {self.expected} fields, got {self.actual}"
 
 
 class _Readable(Protocol):
@@ -151,7 +185,11 @@ class _Readable(Protocol):
 
 
 def read_csv_batches(
-    source: BinaryIO, *, name: str, options: CsvOptions = CsvOptions()
+    source: BinaryIO,
+    *,
+    name: str,
+    options: CsvOptions = CsvOptions(),
+    on_malformed: Callable[[list[MalformedRow]], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Yield the rows of a CSV file as Arrow record batches, one per block.
 
@@ -165,6 +203,12 @@ def read_csv_batches(
     as incomplete until iteration ends).  Empty files, header-only files,
     invalid text, rows with the wrong number of fields and values that do not
     convert to a declared type are all reported this way.
+
+    With ``on_malformed``, rows with the wrong number of fields are not an
+    error: they are left out of the batches and handed to ``on_malformed``
+    with their line numbers, each list before the batch of the block they were
+    in is yielded (and any that could not be placed, at the end).  A file
+    whose every row is malformed then yields nothing rather than failing.
     """
     with contextlib.ExitStack() as stack:
         raw = _open_decompressed(source, name, options.compression, stack)
@@ -175,11 +219,13 @@ def read_csv_batches(
             raise InputError("empty file", file=name)
         names = _column_names(feeder.take_first_block(), options)
         context = _ErrorContext(name=name, options=options, names=names, feeder=feeder)
+        skipped = _SkippedRows() if on_malformed is not None else None
+        numbering = skipped is not None or options.line_column is not None
         try:
             reader = pacsv.open_csv(
                 feeder,
                 read_options=_read_options(options),
-                parse_options=_parse_options(options),
+                parse_options=_parse_options(options, skipped),
                 convert_options=_convert_options(options, names),
             )
         except pa.ArrowException as exc:
@@ -199,10 +245,19 @@ def read_csv_batches(
             # pyarrow turns block i into batch i, so once a batch is out the
             # blocks before it can no longer hold an undiscovered error.
             feeder.release_before(batches - 1)
+            if numbering:
+                block = feeder.block(batches - 1)
+                batch, malformed = _number_rows(batch, block, options, skipped)
+                if malformed and on_malformed is not None:
+                    on_malformed(malformed)
             if batch.num_rows:
                 rows += batch.num_rows
                 yield batch
-        if options.header and rows == 0:
+        if skipped is not None and on_malformed is not None:
+            unplaced = skipped.unplaced()
+            if unplaced:
+                on_malformed(unplaced)
+        if options.header and rows == 0 and (skipped is None or skipped.total == 0):
             raise InputError("header only, no data rows", file=name)
 
 
@@ -226,9 +281,12 @@ def _read_options(options: CsvOptions) -> pacsv.ReadOptions:
     )
 
 
-def _parse_options(options: CsvOptions) -> pacsv.ParseOptions:
-    # invalid_row_handler is the hook for quarantining bad rows later; a row
-    # with the wrong number of fields currently fails the whole file.
+def _parse_options(
+    options: CsvOptions, invalid_rows: Callable[[Any], str] | None = None
+) -> pacsv.ParseOptions:
+    # Without an invalid_row_handler a row with the wrong number of fields
+    # fails the whole file; with one (read_csv_batches' on_malformed) it is
+    # skipped and reported.
     return pacsv.ParseOptions(
         delimiter=options.delimiter,
         quote_char='"',
@@ -236,6 +294,7 @@ def _parse_options(options: CsvOptions) -> pacsv.ParseOptions:
         escape_char=False,
         newlines_in_values=True,
         ignore_empty_lines=True,
+        invalid_row_handler=invalid_rows,
     )
 
 
@@ -584,7 +643,13 @@ class _BlockFeeder:
         return data
 
     def _cut(self) -> bytes | None:
-        """Produce the next block, or None at the end of the file."""
+        """Produce the next block, or None at the end of the file.
+
+        A block is never longer than ``block_size``, the size pyarrow asks for
+        in each read: a longer one (transcoding can grow the text; a final
+        newline may be added) would reach pyarrow in two reads and become two
+        batches, and batch i would no longer be block i.
+        """
         parts = [self._carry]
         have = len(self._carry)
         while have < self._block_size and not self._source.eof:
@@ -597,16 +662,19 @@ class _BlockFeeder:
             self._carry = b""
             return None
         quotes = buf.count(b'"')
-        if self._source.eof:
+        # A final record without a newline confuses pyarrow on a header-only
+        # file ("cannot infer number of columns"), so the last block gets one.
+        add_newline = not buf.endswith((b"\n", b"\r")) and (quotes + self._odd_quotes) % 2 == 0
+        if self._source.eof and len(buf) + add_newline <= self._block_size:
             cut = len(buf)
-            if not buf.endswith((b"\n", b"\r")) and (quotes + self._odd_quotes) % 2 == 0:
-                # A final record without a newline confuses pyarrow on a
-                # header-only file ("cannot infer number of columns").
+            if add_newline:
                 buf += b"\n"
                 cut += 1
         else:
-            found = _last_record_end(buf, quotes, self._odd_quotes)
-            cut = len(buf) if found is None else found
+            head = buf[: self._block_size]
+            head_quotes = quotes if len(head) == len(buf) else head.count(b'"')
+            found = _last_record_end(head, head_quotes, self._odd_quotes)
+            cut = len(head) if found is None else found
             self._next_aligned = found is not None
         block, self._carry = buf[:cut], buf[cut:]
         block_quotes = quotes - self._carry.count(b'"') if self._carry else quotes
@@ -623,6 +691,11 @@ class _BlockFeeder:
         """Blocks pyarrow has taken but not yet delivered as batches."""
         with self._retain_lock:
             return list(self._retained)
+
+    def block(self, index: int) -> _Block | None:
+        """The retained block with this index (that of the batch just delivered)."""
+        with self._retain_lock:
+            return next((b for b in self._retained if b.index == index), None)
 
 
 def _last_record_end(buf: bytes, quotes: int, odd_start: bool) -> int | None:
@@ -684,6 +757,133 @@ def _big_fields() -> Iterator[None]:
         yield
     finally:
         csv.field_size_limit(previous)
+
+
+# --------------------------------------------------------------------------- row numbering
+
+
+class _SkippedRows:
+    """pyarrow's ``invalid_row_handler``: keeps the rows it skips until they are placed.
+
+    With ``use_threads=True`` pyarrow calls the handler from its parser
+    threads, without a row number, and possibly for blocks ahead of the batch
+    being delivered.  So rows are kept by text and placed when the batch of
+    their block comes out (:func:`_number_rows`): whether a record has the
+    wrong number of fields depends on its text alone, so every record of the
+    block whose text is that of a skipped row is one of the skipped rows.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: Counter[str] = Counter()
+        self._fields: dict[str, tuple[int, int]] = {}
+        self.total = 0
+
+    def __call__(self, row: Any) -> str:
+        with self._lock:
+            self._pending[row.text] += 1
+            self._fields[row.text] = (row.expected_columns, row.actual_columns)
+            self.total += 1
+        return "skip"
+
+    def texts(self) -> list[str]:
+        with self._lock:
+            return list(self._pending)
+
+    def take(self, found: list[tuple[int, str]]) -> list[MalformedRow] | None:
+        """Place these (line, text) records; None (and nothing taken) if they were not skipped."""
+        wanted = Counter(text for _, text in found)
+        with self._lock:
+            if any(self._pending[text] < n for text, n in wanted.items()):
+                return None
+            rows = [MalformedRow(line, text, *self._fields[text]) for line, text in found]
+            for text, n in wanted.items():
+                self._pending[text] -= n
+                if not self._pending[text]:
+                    del self._pending[text], self._fields[text]
+            return rows
+
+    def unplaced(self) -> list[MalformedRow]:
+        """Skipped rows never placed on a line (so that none is ever lost)."""
+        with self._lock:
+            rows = [
+                MalformedRow(None, text, *self._fields[text])
+                for text, n in self._pending.items()
+                for _ in range(n)
+            ]
+            self._pending.clear()
+            return rows
+
+
+def _block_records(block: _Block, skip_header: bool) -> tuple[pa.Array, pa.Array]:
+    """(text, first physical line) of each data record in ``block``, vectorised.
+
+    Lines are split on LF; a line ends a record when the quotes before its end
+    are balanced (RFC 4180, as the feeder cuts blocks).  Empty records are
+    dropped, as pyarrow drops empty lines, and so is the header.  Texts lose
+    a final CR, as in the rows pyarrow's invalid_row_handler reports.
+    """
+    lines = pc.split_pattern(pa.array([block.data], pa.string()), pattern="\n").values
+    if block.data.endswith(b"\n"):
+        lines = lines.slice(0, len(lines) - 1)
+    first = pc.cast(pc.indices_nonzero(pc.is_valid(lines)), pa.int64())
+    if b'"' in block.data and len(lines):
+        balanced = pc.equal(
+            pc.bit_wise_and(pc.cumulative_sum(pc.count_substring(lines, '"')), 1), 0
+        )
+        if not pc.all(balanced).as_py():
+            starts = pc.indices_nonzero(
+                pa.concat_arrays([pa.array([True]), balanced.slice(0, len(balanced) - 1)])
+            )
+            offsets = pa.concat_arrays(
+                [pc.cast(starts, pa.int32()), pa.array([len(lines)], pa.int32())]
+            )
+            lines = pc.binary_join(pa.ListArray.from_arrays(offsets, lines), "\n")
+            first = first.take(starts)
+    texts = pc.replace_substring_regex(lines, pattern="\r$", replacement="")
+    present = pc.not_equal(pc.binary_length(texts), 0)
+    texts, first = texts.filter(present), first.filter(present)
+    if skip_header and len(texts):
+        texts, first = texts.slice(1), first.slice(1)
+    return texts, pc.add(first, block.first_line)
+
+
+def _number_rows(
+    batch: pa.RecordBatch,
+    block: _Block | None,
+    options: CsvOptions,
+    skipped: _SkippedRows | None,
+) -> tuple[pa.RecordBatch, list[MalformedRow]]:
+    """Give ``batch`` its line numbers and place the rows pyarrow skipped in its block.
+
+    Lines are only trusted when the records found in the block, less the
+    skipped ones, are exactly the batch's rows; otherwise (a lone CR line
+    ending, a block not starting on a record) the batch gets null lines and
+    its skipped rows are reported at the end without one.
+    """
+    lines: pa.Array | None = None
+    malformed: list[MalformedRow] = []
+    if block is not None and block.aligned:
+        texts, first = _block_records(block, options.header and block.index == 0)
+        pending = skipped.texts() if skipped is not None else []
+        flagged = pc.is_in(texts, value_set=pa.array(pending, pa.string()))
+        where = pc.indices_nonzero(flagged)
+        if len(texts) - len(where) == batch.num_rows:
+            if not len(where):
+                lines = first
+            elif skipped is not None:
+                found = list(
+                    zip(first.take(where).to_pylist(), texts.take(where).to_pylist(), strict=True)
+                )
+                taken = skipped.take(found)
+                if taken is not None:
+                    malformed = taken
+                    lines = first.filter(pc.invert(flagged))
+    if options.line_column is not None:
+        if lines is None:
+            lines = pa.nulls(batch.num_rows, pa.int64())
+        batch = batch.append_column(options.line_column, lines)
+    return batch, malformed
 
 
 # --------------------------------------------------------------------------- error reporting

@@ -2,17 +2,24 @@
 
 The parsing itself lives in ``steps/csv.py``; this is the glue between a
 bucket event and that reader, and the options users may give in the file.
+
+When a ``validate`` step follows, it asks (through the StepContext, before
+reading starts) for every column as text, for each row's physical line number
+in a hidden column, and, with ``on_invalid: quarantine``, for rows with the
+wrong number of fields to be handed over rather than fail the file. Those rows
+count in ``rows_in`` like any other, so ``rows_in = rows_out + rows_rejected``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from ..errors import InputError
 from .base import Batches, StepContext, StepFn, StepOptions, StepType, register
-from .csv import CsvOptions, read_csv_batches
+from .csv import CsvOptions, MalformedRow, read_csv_batches
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -51,9 +58,30 @@ class ReadCsv(StepType):
             event = ctx.event
             if event.bucket is None or event.key is None:
                 raise InputError(f"read_csv needs a bucket event, got {event.detail_type!r}")
+            options = csv_options
+            if ctx.read_as_text or ctx.line_column is not None:
+                options = dataclasses.replace(
+                    options,
+                    all_strings=options.all_strings or ctx.read_as_text,
+                    line_column=ctx.line_column,
+                )
+            malformed = ctx.malformed_rows
+
+            def hand_over(rows: list[MalformedRow]) -> None:
+                assert malformed is not None
+                ctx.count("rows_in", len(rows))
+                malformed.extend(
+                    {"line": row.line, "text": row.text, "reason": row.reason} for row in rows
+                )
+
             bucket = ctx.bucket(event.bucket)
             with bucket.open_read(event.key) as f:
-                for batch in read_csv_batches(f, name=ctx.input_name, options=csv_options):
+                for batch in read_csv_batches(
+                    f,
+                    name=ctx.input_name,
+                    options=options,
+                    on_malformed=hand_over if malformed is not None else None,
+                ):
                     ctx.count("rows_in", batch.num_rows)
                     yield batch
 

@@ -1,0 +1,203 @@
+"""What an event record is: checked on every way in, turned into Arrow on the way out.
+
+Producers send ``{"event_uuid", "event_name", "created_at", "payload"}``.
+Checking happens where the event enters (the HTTP endpoint, ``stream put``,
+``Pipeline.append_events``), so a producer learns at once which record and
+which field is wrong, and nothing half-valid reaches the stream where it
+would have to be skipped later. ``created_at`` is stored normalised to UTC
+(``2026-11-24T10:00:00.000000Z``) so every reader parses one format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import SluicewayError
+from .base import Record
+
+REQUIRED = ("event_uuid", "event_name", "created_at")
+ALLOWED = frozenset((*REQUIRED, "payload"))
+MAX_TEXT = 256  # event_uuid and event_name: ids and names, not documents
+MAX_REPORTED = 20  # problems listed in one error; the rest are counted
+
+# Columns a stream function's steps receive. ``payload`` stays JSON text so the
+# schema is the same for every event name; the metadata tells JSON writers to
+# embed it as JSON again. ``received_at`` is the stream's arrival time.
+JSON_FIELD_META = {b"sluiceway.json": b"true"}
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("event_uuid", pa.string(), nullable=False),
+        pa.field("event_name", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("payload", pa.string(), metadata=JSON_FIELD_META),
+        pa.field("received_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """One problem with one record: which (0-based index), which field, what."""
+
+    index: int
+    field: str | None
+    message: str
+    line: int | None = None  # 1-based, for JSON Lines input
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line is not None else f"record {self.index}"
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}: {field}{self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "field": self.field, "message": self.message}
+        if self.line is not None:
+            out["line"] = self.line
+        return out
+
+
+class EventError(SluicewayError):
+    """Some records are not events; none of the batch was accepted."""
+
+    def __init__(self, problems: list[BadRecord], total: int | None = None) -> None:
+        self.problems = problems[:MAX_REPORTED]
+        self.total = total if total is not None else len(problems)
+        more = self.total - len(self.problems)
+        text = "; ".join(str(p) for p in self.problems)
+        super().__init__(text + (f" (and {more} more)" if more > 0 else ""))
+
+
+def parse_created_at(value: Any) -> datetime:
+    """An ISO 8601 timestamp → an aware UTC datetime (no offset means UTC)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be an ISO 8601 timestamp string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"not an ISO 8601 timestamp: {value[:64]!r} (e.g. 2026-11-24T10:00:00Z)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"out of range: {value[:64]!r}") from None
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def check_event(
+    obj: Any, index: int, line: int | None = None
+) -> tuple[dict[str, Any], list[BadRecord]]:
+    """One record → (the normalised event, its problems); the event is valid if none."""
+    if not isinstance(obj, dict):
+        kind = "an array" if isinstance(obj, list) else type(obj).__name__
+        return {}, [BadRecord(index, None, f"expected a JSON object, got {kind}", line)]
+    problems: list[BadRecord] = []
+    for name in REQUIRED:
+        if name not in obj:
+            problems.append(BadRecord(index, name, "missing", line))
+    for name in ("event_uuid", "event_name"):
+        value = obj.get(name)
+        if name in obj and (not isinstance(value, str) or not value.strip()):
+            problems.append(BadRecord(index, name, "must be a non-empty string", line))
+        elif isinstance(value, str) and len(value) > MAX_TEXT:
+            problems.append(BadRecord(index, name, f"longer than {MAX_TEXT} characters", line))
+    event = dict(obj)
+    if "created_at" in obj:
+        try:
+            event["created_at"] = format_time(parse_created_at(obj["created_at"]))
+        except ValueError as e:
+            problems.append(BadRecord(index, "created_at", str(e), line))
+    for name in sorted(set(obj) - ALLOWED):
+        problems.append(
+            BadRecord(index, name, "unknown field (put extra data under 'payload')", line)
+        )
+    return event, problems
+
+
+def check_events(objs: Sequence[Any], lines: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Every record checked; raises EventError naming each bad one, else the events."""
+    events: list[dict[str, Any]] = []
+    problems: list[BadRecord] = []
+    for i, obj in enumerate(objs):
+        event, bad = check_event(obj, i, lines[i] if lines is not None else None)
+        events.append(event)
+        problems.extend(bad)
+    if problems:
+        raise EventError(problems)
+    return events
+
+
+def parse_json_lines(text: str) -> tuple[list[Any], list[int]]:
+    """JSON Lines → (objects, their 1-based line numbers); blank lines are skipped."""
+    objs: list[Any] = []
+    lines: list[int] = []
+    problems: list[BadRecord] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            objs.append(json.loads(line))
+        except ValueError as e:
+            problems.append(BadRecord(len(objs), None, f"not valid JSON: {e}", n))
+            objs.append(None)
+        lines.append(n)
+    if problems:
+        raise EventError(problems)
+    return objs, lines
+
+
+def _micros(value: datetime) -> int:
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def records_to_batch(records: Sequence[Record]) -> tuple[pa.RecordBatch, list[dict[str, Any]]]:
+    """Stream records → one batch in seq order, plus the records that are not events.
+
+    Ingest checks every event, so a rejected record here was appended by code
+    that skipped the check; it is reported (seq and reason), not retried
+    forever.
+    """
+    uuids: list[str] = []
+    names: list[str] = []
+    created: list[int] = []
+    payloads: list[str | None] = []
+    received: list[int] = []
+    rejected: list[dict[str, Any]] = []
+    for rec in records:
+        event, problems = check_event(rec.data, 0)
+        if problems:
+            rejected.append({"seq": rec.seq, "reason": "; ".join(str(p) for p in problems)})
+            continue
+        uuids.append(event["event_uuid"])
+        names.append(event["event_name"])
+        created.append(_micros(parse_created_at(event["created_at"])))
+        payloads.append(
+            json.dumps(event["payload"], separators=(",", ":"), ensure_ascii=False)
+            if "payload" in event
+            else None
+        )
+        received.append(round(rec.appended_at * 1_000_000))
+    ts = pa.timestamp("us", tz="UTC")
+    batch = pa.RecordBatch.from_arrays(
+        [
+            pa.array(uuids, pa.string()),
+            pa.array(names, pa.string()),
+            pa.array(created, pa.int64()).cast(ts),
+            pa.array(payloads, pa.string()),
+            pa.array(received, pa.int64()).cast(ts),
+        ],
+        schema=EVENT_SCHEMA,
+    )
+    return batch, rejected
