@@ -79,6 +79,10 @@ def test_put_run_drain_status_and_dlq(write_pipeline: Callable[..., Path], tmp_p
     assert len(dead) == 1
     assert "bronze/in/bad.csv" in dead[0]["failure"]["message"]
     assert "empty" in dead[0]["failure"]["message"]
+    shown = sw("dlq", "show", "to-parquet", dead[0]["id"], cwd=tmp_path).stdout
+    assert '"error_type": "InputError"' in shown and "Traceback (most recent call last)" in shown
+    assert "bronze/in/bad.csv" in sw("dlq", "list", "to-parquet", cwd=tmp_path).stdout
+    assert sw("dlq", "show", "to-parquet", "nope", cwd=tmp_path, check=False).returncode == 1
 
     # Fix the file in place, redrive: it is the same event (same version id),
     # so the worker reads the object as it is now.

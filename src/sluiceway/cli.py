@@ -209,6 +209,8 @@ def status(
             secs(m["latency_p99"]),
         )
     console.print(ft)
+    if data.get("streams"):
+        _print_streams(data["streams"])
 
 
 @app.command()
@@ -305,7 +307,7 @@ def dlq_list(
             )
         )
         return
-    table = Table("id", "input", "receives", "error", title=f"{queue}: dead-lettered")
+    console.print(f"[bold]{queue}[/bold]: {len(messages)} dead-lettered messages")
     for m in messages:
         try:
             detail = json.loads(m.body).get("detail", {})
@@ -313,11 +315,42 @@ def dlq_list(
         except (ValueError, KeyError, TypeError, AttributeError):
             what = m.body[:60]
         f = m.failure or {}
-        table.add_row(
-            m.id, what, str(m.receive_count), f"{f.get('error_type', '?')}: {f.get('message', '')}"
+        console.print(
+            f"\n[bold]{m.id}[/bold]  {what}  ({m.receive_count} receives)", highlight=False
         )
-    console.print(table)
-    console.print(f"{len(messages)} messages")
+        console.print(
+            f"  {f.get('error_type', '?')}: {f.get('message', '')}", highlight=False, soft_wrap=True
+        )
+    if messages:
+        console.print(f"\n`sluiceway dlq show {queue} ID` shows one in full with its traceback")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    queue: Annotated[str, typer.Argument(help="The source queue whose DLQ to look in.")],
+    message_id: Annotated[str, typer.Argument(help="The message id (from `dlq list`).")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+) -> None:
+    """One dead-lettered message in full: its event and its failure record."""
+    p = _load(pipeline)
+    for m in p.broker.queue(_dlq_name(p, queue)).peek(1_000_000):
+        if m.id == message_id:
+            failure = dict(m.failure or {})
+            tb = failure.pop("traceback", None)
+            record = {
+                "id": m.id,
+                "receive_count": m.receive_count,
+                "attributes": m.attributes,
+                "failure": failure,
+                "event": json.loads(m.body),
+            }
+            console.print_json(json.dumps(record, default=str))
+            if tb:
+                console.print("[bold]traceback[/bold]")
+                console.print(tb, highlight=False, markup=False, soft_wrap=True)
+            return
+    err.print(f"no message {message_id!r} in the DLQ of {queue!r}")
+    raise typer.Exit(1)
 
 
 @dlq_app.command("redrive")
@@ -349,6 +382,144 @@ def dlq_purge(
     if not yes and not typer.confirm(f"delete {total} messages from {dlq.name}?"):
         raise typer.Exit(1)
     console.print(f"purged {dlq.purge()} messages from {dlq.name}")
+
+
+# -- streams: ingest, append, compact ------------------------------------------
+
+stream_app = typer.Typer(help="Append events to streams.", no_args_is_help=True)
+app.add_typer(stream_app, name="stream")
+APPEND_CHUNK = 5_000  # events per transaction: the write lock is never held for long
+
+
+def _print_streams(streams: dict[str, Any]) -> None:
+    table = Table(
+        "stream",
+        "function",
+        "last seq",
+        "checkpoint",
+        "lag",
+        "records",
+        "duplicates",
+        "written",
+        title="Streams",
+    )
+    for name, s in streams.items():
+        if not s["consumers"]:
+            table.add_row(name, "", str(s["last_seq"]), "", "", "", "", "")
+        for fn, c in s["consumers"].items():
+            t = c["totals"]
+            table.add_row(
+                name,
+                fn,
+                str(s["last_seq"]),
+                str(c["checkpoint"]),
+                str(c["lag"]),
+                f"{t.get('records', 0):,}",
+                f"{t.get('duplicates', 0):,}",
+                f"{t.get('written', 0):,}",
+            )
+    console.print(table)
+
+
+@stream_app.command("put")
+def stream_put(
+    stream: Annotated[str, typer.Argument(help="The stream to append to.")],
+    source: Annotated[str, typer.Argument(help="A JSON Lines file of events, or - for stdin.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+) -> None:
+    """Append events (JSON Lines) to STREAM; every line is checked before any is appended."""
+    from .streams.events import check_events, parse_json_lines
+
+    p = _load(pipeline)
+    target = p.stream(stream)
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{source}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise SluicewayError(f"{source}: not UTF-8 (byte {e.start})") from None
+    objs, lines = parse_json_lines(text)
+    if not objs:
+        raise SluicewayError(f"{source}: no events")
+    events = check_events(objs, lines)
+    seqs: list[int] = []
+    for i in range(0, len(events), APPEND_CHUNK):
+        seqs += target.append(events[i : i + APPEND_CHUNK])
+    console.print(f"appended {len(seqs)} events to {stream} (seqs {seqs[0]}..{seqs[-1]})")
+
+
+@app.command()
+def serve(
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every one).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8080,
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option(help="Bearer tokens, one per line (also $SLUICEWAY_INGEST_TOKENS)."),
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413).")] = 5 << 20,
+    max_batch: Annotated[int, typer.Option(help="Most events per request (413).")] = 5_000,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "warning",
+) -> None:
+    """HTTP ingest: POST /streams/NAME with a bearer token; /healthz and /metrics are open."""
+    from .ingest import TOKENS_ENV, load_tokens
+    from .ingest import serve as run_server
+
+    tokens = load_tokens(os.environ.get(TOKENS_ENV), tokens_file)
+
+    def ready(bound: str, actual: int) -> None:
+        typer.echo(f"listening on http://{bound}:{actual} (POST /streams/NAME)")
+        sys.stdout.flush()
+
+    run_server(
+        pipeline,
+        host=host,
+        port=port,
+        tokens=tokens,
+        max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
+        on_ready=ready,
+        log_level=log_level,
+    )
+
+
+@app.command()
+def compact(
+    target: Annotated[str, typer.Argument(help="BUCKET or BUCKET/PREFIX of a dataset.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    small_mb: Annotated[float, typer.Option(help="Files under this many MiB are merged.")] = 32,
+    target_rows: Annotated[int, typer.Option(help="Rows per merged file, at most.")] = 1_000_000,
+    dry_run: Annotated[bool, typer.Option(help="Only say what would be merged.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Merge each partition's small files into one; readers never miss a row."""
+    from .compact import compact as run_compact
+
+    p = _load(pipeline)
+    bucket, _, prefix = target.partition("/")
+    report = run_compact(
+        p,
+        bucket,
+        prefix,
+        small_bytes=int(small_mb * (1 << 20)),
+        target_rows=target_rows,
+        dry_run=dry_run,
+    )
+    if json_out:
+        console.print_json(json.dumps(report.to_dict()))
+        return
+    verb = "would merge" if dry_run else "merged"
+    for m in report.merged:
+        into = f" → {m['key']} ({m['rows']:,} rows)" if "key" in m else ""
+        console.print(f"{verb} {len(m['inputs'])} files in {m['directory']}{into}")
+    if report.removed_superseded:
+        console.print(f"removed {len(report.removed_superseded)} superseded files")
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {s}")
+    if not report.merged and not report.removed_superseded:
+        console.print("nothing to compact")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ whichever way it arrived; they are computed while writing, or once per
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -203,7 +204,10 @@ class LocalBucket(Bucket):
             self._remember((str(target), st.st_size, st.st_mtime_ns, st.st_ino), writer.hexdigest())
         finally:
             if not f.closed:
-                f.close()
+                # Closing flushes; on a full disk that fails again, and the
+                # aside-file must still go.
+                with contextlib.suppress(OSError):
+                    f.close()
             tmp.unlink(missing_ok=True)
 
     def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
