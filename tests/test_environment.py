@@ -145,6 +145,4 @@ def test_worker_command_scales_out_beside_run(
 
 
 def _done_entries(p: Pipeline) -> list:
-    from sluiceway.ledger import entries_since
-
-    return [e for e in entries_since(p.db, 0) if e.status == "done"]
+    return [e for e in p.ledger.entries_since(0) if e.status == "done"]

@@ -39,6 +39,26 @@ PipelineOpt = Annotated[
 DEFAULT_PIPELINE = Path("sluiceway.yaml")
 
 
+def _use_profile(profile: str | None) -> None:
+    """``--profile`` goes to the environment, so worker processes see it too."""
+    if profile:
+        os.environ["SLUICEWAY_PROFILE"] = profile
+
+
+@app.callback()
+def _main(
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="Run on the backends of this profile (or set SLUICEWAY_PROFILE).",
+            envvar="SLUICEWAY_PROFILE",
+        ),
+    ] = None,
+) -> None:
+    _use_profile(profile)
+
+
 def _load(path: Path) -> Pipeline:
     return Pipeline.from_file(path)
 
@@ -116,10 +136,12 @@ def run(
     ] = None,
     grace: Annotated[float, typer.Option(help="Seconds in-flight work gets on stop.")] = 30.0,
     json_out: Annotated[bool, typer.Option("--json", help="Summary as JSON.")] = False,
+    profile: Annotated[str | None, typer.Option(help="Backends profile to run on.")] = None,
 ) -> None:
     """Run the pipeline: watcher, reconcile and workers (Ctrl-C stops cleanly)."""
     from .runtime import Runtime
 
+    _use_profile(profile)
     rt = Runtime(pipeline, workers=workers, watch=watch, grace=grace)
     if drain:
         with console.status("draining…") as st:
@@ -144,10 +166,12 @@ def worker(
     ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds in-flight work gets on stop.")] = 30.0,
+    profile: Annotated[str | None, typer.Option(help="Backends profile to run on.")] = None,
 ) -> None:
     """Run workers only (no watcher, no reconcile): to scale out beside `run`."""
     from .runtime import Runtime
 
+    _use_profile(profile)
     rt = Runtime(
         pipeline, workers=workers, watch=False, grace=grace, functions=function, reconcile=False
     )

@@ -10,9 +10,11 @@ right.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
@@ -102,6 +104,19 @@ class FunctionConfig(_Model):
     on_error: DestinationConfig | None = None
 
 
+class ProfileConfig(_Model):
+    """Where the same pipeline runs: backend URLs instead of the embedded default.
+
+    Secrets never go in the file: write ``${VAR}`` and set the variable.
+    """
+
+    buckets: dict[Name, str] = Field(default_factory=dict)
+    broker: str | None = None  # queues and topics: redis://, amqp://, nats://, sqs://
+    ledger: str | None = None  # postgresql://, redis://, dynamodb://
+    tables: str | None = None  # postgresql://, dynamodb://
+    streams: str | None = None
+
+
 class PipelineConfig(_Model):
     pipeline: Name
     state_dir: str = ".sluiceway"
@@ -115,10 +130,20 @@ class PipelineConfig(_Model):
     tables: dict[Name, TableConfig] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
     functions: dict[Name, FunctionConfig] = Field(default_factory=dict)
+    profiles: dict[Name, ProfileConfig] = Field(default_factory=dict)
 
     # Filled in by the loader, not by the file.
     base_dir: Path = Field(default=Path("."), exclude=True)
     source: str = Field(default="<string>", exclude=True)
+    profile: str | None = Field(default=None, exclude=True)
+
+    @property
+    def backends(self) -> ProfileConfig:
+        """The active profile's backend URLs (all embedded when there is none)."""
+        return self.profiles[self.profile] if self.profile else ProfileConfig()
+
+    def bucket_url(self, name: str) -> str:
+        return self.backends.buckets.get(name, self.buckets[name])
 
     def queue_config(self, name: str) -> QueueConfig:
         return self.queues.get(name) or QueueConfig()
@@ -358,7 +383,13 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def loads(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> PipelineConfig:
+def loads(
+    text: str,
+    *,
+    source: str = "<string>",
+    base_dir: Path | None = None,
+    profile: str | None = None,
+) -> PipelineConfig:
     """Parse and check a pipeline; raises ConfigError listing every problem."""
     yaml = YAML(typ="rt")
     try:
@@ -380,14 +411,111 @@ def loads(text: str, *, source: str = "<string>", base_dir: Path | None = None) 
     cfg.base_dir = (base_dir or Path.cwd()).resolve()
     cfg.source = source
     _check_references(cfg, problems)
+    _check_profiles(cfg, problems)
     problems.raise_if_any()
+    if profile is not None:
+        return _activate(cfg, profile, source)
     return cfg
 
 
-def load(path: str | Path) -> PipelineConfig:
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def missing_env(url: str) -> list[str]:
+    return [v for v in _ENV_REF.findall(url) if v not in os.environ]
+
+
+def expand_env(url: str) -> str:
+    """``${VAR}`` → its value; the loader has already checked that each is set."""
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), url)
+
+
+def _profile_urls(profile: ProfileConfig) -> list[str]:
+    urls = [u for u in (profile.broker, profile.ledger, profile.tables, profile.streams) if u]
+    return urls + list(profile.buckets.values())
+
+
+def _check_profiles(cfg: PipelineConfig, problems: _Problems) -> None:
+    for name, profile in cfg.profiles.items():
+        for bucket in profile.buckets:
+            if bucket not in cfg.buckets:
+                problems.add(("profiles", name, "buckets", bucket), f"unknown bucket {bucket!r}")
+        fields = {
+            "broker": profile.broker,
+            "ledger": profile.ledger,
+            "tables": profile.tables,
+            "streams": profile.streams,
+        }
+        fields.update({f"buckets.{b}": u for b, u in profile.buckets.items()})
+        for field, url in fields.items():
+            if url and _has_literal_password(url):
+                problems.add(
+                    ("profiles", name, *field.split(".")),
+                    "a password in the file; write ${VARIABLE} and set it in the environment",
+                )
+
+
+def _has_literal_password(url: str) -> bool:
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc:
+        return False
+    userinfo = netloc.rsplit("@", 1)[0]
+    if ":" not in userinfo:
+        return False
+    password = userinfo.split(":", 1)[1]
+    return bool(password) and not _ENV_REF.fullmatch(password)
+
+
+def load(path: str | Path, profile: str | None = None) -> PipelineConfig:
+    """Load a pipeline file; ``profiles.yaml`` beside it adds profiles.
+
+    ``profile`` (or ``$SLUICEWAY_PROFILE``) picks the backends to run on.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such pipeline file"]) from None
-    return loads(text, source=str(path), base_dir=path.resolve().parent)
+    profile = profile or os.environ.get("SLUICEWAY_PROFILE") or None
+    extra = path.resolve().parent / "profiles.yaml"
+    cfg = loads(text, source=str(path), base_dir=path.resolve().parent)
+    if extra.exists():
+        cfg.profiles.update(_load_profiles(extra, cfg))
+    return _activate(cfg, profile, str(path)) if profile else cfg
+
+
+def _load_profiles(path: Path, cfg: PipelineConfig) -> dict[str, ProfileConfig]:
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8")) or {}
+    except MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark is not None else 1
+        raise ConfigError([f"{path}:{line}: not valid YAML: {e.problem}"]) from None
+    problems = _Problems(str(path), doc)
+    out: dict[str, ProfileConfig] = {}
+    for name, raw in doc.items() if isinstance(doc, dict) else []:
+        if name in cfg.profiles:
+            problems.add((name,), f"profile {name!r} is also defined in {cfg.source}")
+            continue
+        try:
+            out[str(name)] = ProfileConfig.model_validate(_plain(raw))
+        except ValidationError as err:
+            for e in err.errors():
+                problems.add((name, *e["loc"]), e["msg"])
+    check = cfg.model_copy(update={"profiles": out})
+    _check_profiles(check, problems)
+    problems.raise_if_any()
+    return out
+
+
+def _activate(cfg: PipelineConfig, profile: str, source: str) -> PipelineConfig:
+    if profile not in cfg.profiles:
+        known = ", ".join(sorted(cfg.profiles)) or "none defined"
+        raise ConfigError([f"{source}: unknown profile {profile!r} (profiles: {known})"])
+    missing = sorted({v for url in _profile_urls(cfg.profiles[profile]) for v in missing_env(url)})
+    if missing:
+        raise ConfigError(
+            [f"{source}: profile {profile!r} needs environment variables: {', '.join(missing)}"]
+        )
+    cfg.profile = profile
+    return cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import json
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -69,6 +70,53 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def function_counts(self) -> dict[str, dict[str, int]]:
         """Per function, how many entries are in each status."""
+
+    @abc.abstractmethod
+    def has_seen(self, bucket: str, key: str, etag: str) -> bool:
+        """Whether an event was raised for this object version (no side effect)."""
+
+    @abc.abstractmethod
+    def versions(self, bucket: str, key: str) -> list[dict[str, Any]]:
+        """The versions of an object events were raised for, oldest first."""
+
+    @abc.abstractmethod
+    def other_versions(self, function: str, input_prefix: str, current: str) -> list[Entry]:
+        """Finished entries of the same function and input, other than ``current``.
+
+        ``input_prefix`` is the identity without its version (``bucket/key@``):
+        a new version's outputs replace those of the versions before it.
+        """
+
+    @abc.abstractmethod
+    def supersede(self, key: str) -> None:
+        """A later version of the same input replaced this one's outputs."""
+
+    @abc.abstractmethod
+    def entries_for(self, identity: str) -> list[Entry]:
+        """Every function's entry for one input identity (for ``trace``)."""
+
+    @abc.abstractmethod
+    def entries_since(self, since: float) -> list[Entry]:
+        """Entries changed since ``since``: what one run did."""
+
+    @abc.abstractmethod
+    def done_infos(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(function, info)`` of every finished entry, for metrics."""
+
+    @abc.abstractmethod
+    def mark_sent(self, ids: Sequence[str]) -> None:
+        """Remember message ids as sent (after the send: a crash re-sends, never loses)."""
+
+    @abc.abstractmethod
+    def unsent(self, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` not yet marked sent."""
+
+    @abc.abstractmethod
+    def forget_sent(self, older_than: float) -> int:
+        """Drop sent-id records older than ``older_than`` seconds."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
 
 
 class SqliteLedger(Ledger):
@@ -145,28 +193,6 @@ class SqliteLedger(Ledger):
             info=json.loads(row["info"]),
         )
 
-    def other_versions(self, function: str, input_prefix: str, current: str) -> list[Entry]:
-        """Finished entries of the same function and input, other than ``current``.
-
-        ``input_prefix`` is the identity without its version (``bucket/key@``):
-        a new version's outputs replace those of the versions before it.
-        """
-        escaped = input_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = self.db.conn.execute(
-            "SELECT key FROM ledger WHERE function = ? AND status = 'done' AND key != ?"
-            " AND key LIKE ? ESCAPE '\\'",
-            (function, current, f"{function}|{escaped}%"),
-        ).fetchall()
-        return [e for r in rows if (e := self.get(r[0])) is not None]
-
-    def supersede(self, key: str) -> None:
-        """A later version of the same input replaced this one's outputs."""
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE ledger SET status = 'superseded', updated_at = ? WHERE key = ?",
-                (time.time(), key),
-            )
-
     def function_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for fn, status, n in self.db.conn.execute(
@@ -175,11 +201,78 @@ class SqliteLedger(Ledger):
             out.setdefault(fn, {})[status] = n
         return out
 
+    def has_seen(self, bucket: str, key: str, etag: str) -> bool:
+        row = self.db.conn.execute(
+            "SELECT 1 FROM objects WHERE bucket = ? AND key = ? AND etag = ?", (bucket, key, etag)
+        ).fetchone()
+        return row is not None
 
-def entries_since(db: StateDB, since: float) -> list[Entry]:
-    """Entries finished or failed since ``since``: what one run did."""
-    rows = db.conn.execute(
-        "SELECT key FROM ledger WHERE updated_at >= ? ORDER BY updated_at", (since,)
-    ).fetchall()
-    ledger = SqliteLedger(db)
-    return [e for r in rows if (e := ledger.get(r[0])) is not None]
+    def versions(self, bucket: str, key: str) -> list[dict[str, Any]]:
+        return [
+            {"etag": r[0], "size": r[1], "seen_at": r[2], "event_id": r[3]}
+            for r in self.db.conn.execute(
+                "SELECT etag, size, seen_at, event_id FROM objects WHERE bucket = ? AND key = ?"
+                " ORDER BY seen_at",
+                (bucket, key),
+            )
+        ]
+
+    def other_versions(self, function: str, input_prefix: str, current: str) -> list[Entry]:
+        rows = self.db.conn.execute(
+            "SELECT key FROM ledger WHERE function = ? AND status = 'done' AND key != ?"
+            " AND key LIKE ? ESCAPE '\\'",
+            (function, current, f"{function}|{like_escape(input_prefix)}%"),
+        ).fetchall()
+        return [e for r in rows if (e := self.get(r[0])) is not None]
+
+    def supersede(self, key: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE ledger SET status = 'superseded', updated_at = ? WHERE key = ?",
+                (time.time(), key),
+            )
+
+    def entries_for(self, identity: str) -> list[Entry]:
+        rows = self.db.conn.execute(
+            "SELECT key FROM ledger WHERE key LIKE ? ESCAPE '\\' ORDER BY created_at",
+            ("%|" + like_escape(identity),),
+        ).fetchall()
+        return [e for r in rows if (e := self.get(r[0])) is not None]
+
+    def entries_since(self, since: float) -> list[Entry]:
+        rows = self.db.conn.execute(
+            "SELECT key FROM ledger WHERE updated_at >= ? ORDER BY updated_at", (since,)
+        ).fetchall()
+        return [e for r in rows if (e := self.get(r[0])) is not None]
+
+    def done_infos(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for function, info in self.db.conn.execute(
+            "SELECT function, info FROM ledger WHERE status = 'done'"
+        ):
+            yield function, json.loads(info)
+
+    def mark_sent(self, ids: Sequence[str]) -> None:
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO sent (id, sent_at) VALUES (?, ?)", [(i, now) for i in ids]
+            )
+
+    def unsent(self, ids: Sequence[str]) -> list[str]:
+        conn = self.db.conn
+        return [
+            i
+            for i in ids
+            if conn.execute("SELECT 1 FROM sent WHERE id = ?", (i,)).fetchone() is None
+        ]
+
+    def forget_sent(self, older_than: float) -> int:
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM sent WHERE sent_at < ?", (time.time() - older_than,)
+            ).rowcount
+
+
+def like_escape(text: str) -> str:
+    """``text`` with LIKE's wildcards escaped (ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -62,18 +62,14 @@ def function_metrics(pipeline: Pipeline) -> dict[str, FunctionMetrics]:
     out = {name: FunctionMetrics(name) for name in pipeline.config.functions}
     for name, statuses in pipeline.ledger.function_counts().items():
         out.setdefault(name, FunctionMetrics(name)).statuses = statuses
-    rows = pipeline.db.conn.execute(
-        "SELECT function, json_extract(info, '$.stats'), json_extract(info, '$.bytes_in'),"
-        " json_extract(info, '$.latency') FROM ledger WHERE status = 'done'"
-    )
-    for function, stats, bytes_in, latency in rows:
+    for function, info in pipeline.ledger.done_infos():
         m = out.setdefault(function, FunctionMetrics(function))
-        for k, v in json.loads(stats or "{}").items():
+        for k, v in (info.get("stats") or {}).items():
             if isinstance(v, int):
                 m.counters[k] = m.counters.get(k, 0) + v
-        m.bytes_in += int(bytes_in or 0)
-        if latency is not None:
-            m.latencies.append(float(latency))
+        m.bytes_in += int(info.get("bytes_in") or 0)
+        if info.get("latency") is not None:
+            m.latencies.append(float(info["latency"]))
     for m in out.values():
         m.latencies.sort()
     return out
@@ -130,33 +126,18 @@ def prometheus_text(pipeline: Pipeline) -> bytes:
 
 def trace(pipeline: Pipeline, bucket: str, key: str) -> dict[str, Any]:
     """Everything known about one object: its versions' events, attempts, outputs, rejects."""
-    conn = pipeline.db.conn
-    versions = [
-        {"etag": r[0], "size": r[1], "seen_at": r[2], "event_id": r[3]}
-        for r in conn.execute(
-            "SELECT etag, size, seen_at, event_id FROM objects WHERE bucket = ? AND key = ?"
-            " ORDER BY seen_at",
-            (bucket, key),
-        )
+    versions = pipeline.ledger.versions(bucket, key)
+    entries = [
+        {
+            "function": e.function,
+            "version": v["etag"],
+            "status": e.status,
+            "attempts": e.attempts,
+            "info": e.info,
+        }
+        for v in versions
+        for e in pipeline.ledger.entries_for(f"{bucket}/{key}@{v['etag']}")
     ]
-    entries = []
-    for v in versions:
-        identity = f"{bucket}/{key}@{v['etag']}"
-        for r in conn.execute(
-            "SELECT key FROM ledger WHERE key LIKE ? ESCAPE '\\' ORDER BY created_at",
-            ("%|" + identity.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),),
-        ):
-            entry = pipeline.ledger.get(r[0])
-            if entry is not None:
-                entries.append(
-                    {
-                        "function": entry.function,
-                        "version": v["etag"],
-                        "status": entry.status,
-                        "attempts": entry.attempts,
-                        "info": entry.info,
-                    }
-                )
     messages = []
     ids = {v["event_id"] for v in versions}
     for name in pipeline.config.all_queue_names():

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from . import backends
 from . import config as config_mod
+from .backends import scheme_of
 from .buckets.base import Bucket, ObjectInfo
 from .buckets.local import LocalBucket
-from .config import PipelineConfig
+from .config import PipelineConfig, expand_env
 from .errors import ConfigError
 from .events import Event, object_created
-from .ledger import SqliteLedger
-from .queues.base import OutgoingMessage, QueueCounts, QueueSpec
+from .ledger import Ledger, SqliteLedger
+from .queues.base import Broker, OutgoingMessage, QueueCounts, QueueSpec
 from .queues.sqlite import SqliteBroker
 from .router import Router
 from .state import StateDB
@@ -48,9 +49,24 @@ class Pipeline:
         self.path = path
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str] = "sluiceway.yaml") -> Pipeline:
+    def from_file(
+        cls, path: str | os.PathLike[str] = "sluiceway.yaml", profile: str | None = None
+    ) -> Pipeline:
+        """Load a pipeline; ``profile`` (or ``$SLUICEWAY_PROFILE``) picks its backends."""
         path = Path(path).resolve()
-        return cls(config_mod.load(path), path)
+        return cls(config_mod.load(path, profile), path)
+
+    @property
+    def embedded(self) -> bool:
+        """Queues and ledger both live in the local state database.
+
+        Then raising an event and recording it, or publishing and recording
+        what was sent, share one transaction. With real backends they cannot,
+        so the order is chosen to duplicate (harmless: the ledger dedups)
+        rather than to lose.
+        """
+        b = self.config.backends
+        return b.broker is None and b.ledger is None
 
     @property
     def name(self) -> str:
@@ -65,19 +81,15 @@ class Pipeline:
     @cached_property
     def buckets(self) -> dict[str, Bucket]:
         out: dict[str, Bucket] = {}
-        for name, url in self.config.buckets.items():
-            if "://" in url and not url.startswith("file://"):
-                raise ConfigError(
-                    [
-                        f"{self.config.source}: buckets.{name}: {url!r}: only local directories "
-                        "(file:// or a path) are supported by this version"
-                    ]
-                )
-            out[name] = LocalBucket(name, self.config.resolve_path(url), etag_cache=self.db)
+        for name in self.config.buckets:
+            url = expand_env(self.config.bucket_url(name))
+            if scheme_of(url) in ("", "file"):
+                out[name] = LocalBucket(name, self.config.resolve_path(url), etag_cache=self.db)
+            else:
+                out[name] = backends.factory(f"bucket {name}", backends.BUCKETS, url)(name, url)
         return out
 
-    @cached_property
-    def broker(self) -> SqliteBroker:
+    def queue_specs(self) -> dict[str, QueueSpec]:
         specs: dict[str, QueueSpec] = {}
         for name in self.config.all_queue_names():
             q = self.config.queue_config(name)
@@ -91,12 +103,24 @@ class Pipeline:
                 backoff_base=q.backoff_base,
                 backoff_max=q.backoff_max,
             )
-        subs = {t: cfg.subscriptions for t, cfg in self.config.topics.items()}
-        return SqliteBroker(self.db, specs, subs)
+        return specs
 
     @cached_property
-    def ledger(self) -> SqliteLedger:
-        return SqliteLedger(self.db)
+    def broker(self) -> Broker:
+        subs = {t: list(cfg.subscriptions) for t, cfg in self.config.topics.items()}
+        url = self.config.backends.broker
+        if url is None:
+            return SqliteBroker(self.db, self.queue_specs(), subs)
+        url = expand_env(url)
+        return backends.factory("broker", backends.BROKERS, url)(url, self.queue_specs(), subs)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        url = self.config.backends.ledger
+        if url is None:
+            return SqliteLedger(self.db)
+        url = expand_env(url)
+        return backends.factory("ledger", backends.LEDGERS, url)(url, self.name)
 
     @cached_property
     def router(self) -> Router:
@@ -104,7 +128,12 @@ class Pipeline:
 
     @cached_property
     def tables(self) -> dict[str, Table]:
-        return {name: SqliteTable(self.db, name, t.key) for name, t in self.config.tables.items()}
+        url = self.config.backends.tables
+        if url is None:
+            return {n: SqliteTable(self.db, n, t.key) for n, t in self.config.tables.items()}
+        url = expand_env(url)
+        make = backends.factory("tables", backends.TABLES, url)
+        return {n: make(url, n, list(t.key), self.name) for n, t in self.config.tables.items()}
 
     @cached_property
     def streams(self) -> dict[str, Stream]:
@@ -181,29 +210,32 @@ class Pipeline:
         if (queue is None) == (topic is None):
             raise ValueError("give exactly one of queue or topic")
         dest = f"queue:{queue}" if queue is not None else f"topic:{topic}"
-        now = time.time()
-        with self.db.transaction() as conn:
-            fresh = [
-                m
-                for m in messages
-                if conn.execute(
-                    "INSERT OR IGNORE INTO sent (id, sent_at) VALUES (?, ?)",
-                    (f"{dest}|{m.id}", now),
-                ).rowcount
-            ]
-            if fresh:
-                if topic is not None:
-                    self.broker.publish(topic, fresh)
-                else:
-                    self.broker.queue(queue).send_batch(fresh)  # type: ignore[arg-type]
+        by_id = {f"{dest}|{m.id}": m for m in messages}
+
+        def send(batch: list[OutgoingMessage]) -> None:
+            if not batch:
+                return
+            if topic is not None:
+                self.broker.publish(topic, batch)
+            else:
+                self.broker.queue(queue).send_batch(batch)  # type: ignore[arg-type]
+
+        if self.embedded:
+            with self.db.transaction():
+                fresh = self.ledger.unsent(list(by_id))
+                send([by_id[i] for i in fresh])
+                self.ledger.mark_sent(fresh)
+            return len(fresh)
+        # Send, then remember: a crash in between sends again (the broker's
+        # own dedup or the consumer's ledger absorbs it) and loses nothing.
+        fresh = self.ledger.unsent(list(by_id))
+        send([by_id[i] for i in fresh])
+        self.ledger.mark_sent(fresh)
         return len(fresh)
 
     def forget_sent(self, older_than: float) -> int:
         """Drop "sent" records older than ``older_than`` seconds (a retention window)."""
-        with self.db.transaction() as conn:
-            return conn.execute(
-                "DELETE FROM sent WHERE sent_at < ?", (time.time() - older_than,)
-            ).rowcount
+        return self.ledger.forget_sent(older_than)
 
     def bucket(self, name: str) -> Bucket:
         try:
@@ -228,10 +260,19 @@ class Pipeline:
             etag=info.etag,
             sequencer=f"{int(info.mtime * 1e9):020X}",
         )
-        with self.db.transaction():
-            if not self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id):
-                return None
-            self.router.route(event)
+        if self.embedded:
+            with self.db.transaction():
+                if not self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id):
+                    return None
+                self.router.route(event)
+            return event
+        # Route first, record after: a crash in between raises the event again
+        # on the next offer (a duplicate the processing ledger absorbs), never
+        # loses it.
+        if self.ledger.has_seen(bucket, info.key, info.etag):
+            return None
+        self.router.route(event)
+        self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id)
         return event
 
     def put(self, source: str | os.PathLike[str], bucket: str, key: str) -> Event | None:

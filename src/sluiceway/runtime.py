@@ -23,7 +23,6 @@ from typing import Any
 
 from .activity import Activity, Doing
 from .buckets.local import LocalBucket
-from .ledger import entries_since
 from .pipeline import Pipeline
 from .queues.base import Message
 from .watcher import BucketWatcher
@@ -94,7 +93,11 @@ class Runtime:
         settle: float = 0.25,
         functions: list[str] | None = None,
         reconcile: bool = True,
+        profile: str | None = None,
     ) -> None:
+        if profile is not None:
+            # Worker processes inherit the environment, so they load the same profile.
+            os.environ["SLUICEWAY_PROFILE"] = profile
         self.pipeline_path = str(Path(pipeline_path).resolve())
         self.pipeline = Pipeline.from_file(self.pipeline_path)
         self.workers = (os.cpu_count() or 1) if workers is None else workers
@@ -277,7 +280,7 @@ class Runtime:
 
     def summary(self, since: float) -> RunSummary:
         s = RunSummary(seconds=time.time() - since)
-        for entry in entries_since(self.pipeline.db, since):
+        for entry in self.pipeline.ledger.entries_since(since):
             if entry.status == "done":
                 s.done += 1
                 s.inputs.append(entry.info.get("input", entry.key))
