@@ -17,16 +17,18 @@ from sluiceway.buckets.base import Bucket, ObjectExists, ObjectNotFound
 from sluiceway.buckets.local import LocalBucket
 
 
-def _local(tmp_path: Path) -> Bucket:
+def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
     return LocalBucket("test", tmp_path / "bucket")
 
 
-BACKENDS: dict[str, Callable[[Path], Bucket]] = {"local": _local}
+# name → factory(request, tmp_path); a factory may ask for service fixtures
+# with request.getfixturevalue(...) and skips (or fails in CI) without them.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Bucket]] = {"local": _local}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bucket]:
-    yield BACKENDS[request.param](tmp_path)
+    yield BACKENDS[request.param](request, tmp_path)
 
 
 def test_put_then_read_and_head(bucket: Bucket) -> None:

@@ -24,16 +24,18 @@ SPECS = {
 SUBSCRIPTIONS = {"fanout": ["q", "other"]}
 
 
-def _sqlite(tmp_path: Path) -> Broker:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
     return SqliteBroker(StateDB(tmp_path / "state.db"), SPECS, SUBSCRIPTIONS)
 
 
-BACKENDS: dict[str, Callable[[Path], Broker]] = {"sqlite": _sqlite}
+# name → factory(request, tmp_path) building a broker with SPECS and SUBSCRIPTIONS
+# (fresh queues per test); service fixtures via request.getfixturevalue(...).
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Broker]] = {"sqlite": _sqlite}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
-    b = BACKENDS[request.param](tmp_path)
+    b = BACKENDS[request.param](request, tmp_path)
     yield b
     b.close()
 

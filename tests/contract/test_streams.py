@@ -1,0 +1,148 @@
+"""The stream contract: ordered, durable, never-reused seqs and consumer checkpoints.
+
+Every backend of ``sluiceway.streams.base.Stream`` must pass this suite.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sluiceway.state import StateDB
+from sluiceway.streams.base import CheckpointConflict, Stream
+from sluiceway.streams.sqlite import SqliteStream
+
+
+class Clock:
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _sqlite(tmp_path: Path, name: str, clock: Clock) -> Stream:
+    return SqliteStream(StateDB(tmp_path / "state.db"), name, clock=clock)
+
+
+BACKENDS: dict[str, Callable[[Path, str, Clock], Stream]] = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Stream]]:
+    opened: list[Stream] = []
+
+    def make(name: str = "s", clock: Clock | None = None) -> Stream:
+        s = BACKENDS[request.param](tmp_path, name, clock or Clock())
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+def test_append_assigns_consecutive_seqs_from_one(make: Callable[..., Stream]) -> None:
+    s = make()
+    assert s.last_seq() == 0 and s.length() == 0
+    assert s.append([{"a": 1}, {"a": 2}]) == [1, 2]
+    assert s.append([{"a": 3}]) == [3]
+    assert s.append([]) == []
+    assert s.last_seq() == 3 and s.length() == 3
+
+
+def test_read_is_inclusive_ordered_and_bounded(make: Callable[..., Stream]) -> None:
+    s = make()
+    s.append([{"i": i, "nested": {"x": [i, "ü"]}} for i in range(10)])
+    got = s.read(4, 3)
+    assert [r.seq for r in got] == [4, 5, 6]
+    assert [r.data for r in got] == [{"i": i, "nested": {"x": [i, "ü"]}} for i in (3, 4, 5)]
+    assert [r.seq for r in s.read(9, 100)] == [9, 10]
+    assert s.read(11, 10) == []
+    assert s.read(1, 0) == []
+
+
+def test_arrival_times_never_go_backwards(make: Callable[..., Stream]) -> None:
+    clock = Clock(100.0)
+    s = make(clock=clock)
+    s.append([{"i": 1}])
+    clock.t = 50.0  # the wall clock stepped back
+    s.append([{"i": 2}])
+    clock.t = 200.0
+    s.append([{"i": 3}])
+    assert [r.appended_at for r in s.read(1, 10)] == [100.0, 100.0, 200.0]
+
+
+def test_streams_are_independent(make: Callable[..., Stream]) -> None:
+    a, b = make("a"), make("b")
+    a.append([{"x": 1}, {"x": 2}])
+    assert b.append([{"y": 1}]) == [1]
+    assert [r.data for r in b.read(1, 10)] == [{"y": 1}]
+    a.set_checkpoint("f", 2)
+    assert b.checkpoint("f") == 0
+
+
+def test_checkpoints_per_consumer_with_compare_and_set(make: Callable[..., Stream]) -> None:
+    s = make()
+    s.append([{"i": i} for i in range(5)])
+    assert s.checkpoint("f") == 0
+    s.set_checkpoint("f", 3, expect=0)
+    assert s.checkpoint("f") == 3 and s.checkpoint("g") == 0
+    with pytest.raises(CheckpointConflict):
+        s.set_checkpoint("f", 5, expect=0)  # a stale consumer is fenced off
+    assert s.checkpoint("f") == 3
+    s.set_checkpoint("f", 5, expect=3)
+    assert s.checkpoint("f") == 5
+
+
+def test_records_and_checkpoints_are_durable(tmp_path: Path, make: Callable[..., Stream]) -> None:
+    s = make()
+    s.append([{"i": 1}, {"i": 2}])
+    s.set_checkpoint("f", 1)
+    again = make()  # a new connection, as after a restart
+    assert [r.data for r in again.read(1, 10)] == [{"i": 1}, {"i": 2}]
+    assert again.checkpoint("f") == 1
+
+
+def test_trim_keeps_newer_records_and_never_reuses_seqs(make: Callable[..., Stream]) -> None:
+    clock = Clock(10.0)
+    s = make(clock=clock)
+    s.append([{"i": i} for i in range(3)])  # seqs 1..3 at t=10
+    clock.t = 20.0
+    s.append([{"i": i} for i in range(3, 6)])  # seqs 4..6 at t=20
+    assert s.trim(5, older_than=15.0) == 3  # only the old ones, even below upto
+    assert [r.seq for r in s.read(1, 10)] == [4, 5, 6]
+    assert s.trim(4, limit=10) == 1
+    assert s.trim(100) == 2
+    assert s.length() == 0 and s.last_seq() == 6
+    assert s.append([{"i": 6}]) == [7]
+
+
+def test_concurrent_appenders_get_unique_gapless_seqs(make: Callable[..., Stream]) -> None:
+    s = make()
+    writers, per_writer = 4, 25
+    errors: list[BaseException] = []
+
+    def write(w: int) -> None:
+        try:
+            for i in range(per_writer):
+                s.append([{"w": w, "i": i}, {"w": w, "i": i, "second": True}])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    records = s.read(1, 10_000)
+    assert [r.seq for r in records] == list(range(1, writers * per_writer * 2 + 1))
+    for w in range(writers):  # each writer's records in its own order, batches kept together
+        mine = [r for r in records if r.data["w"] == w]
+        assert [r.data["i"] for r in mine[::2]] == list(range(per_writer))
+        for first, second in zip(mine[::2], mine[1::2], strict=True):
+            assert second.seq == first.seq + 1 and second.data.get("second")
