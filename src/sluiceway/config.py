@@ -327,6 +327,9 @@ def _check_stream_function(
         problems.add((*where, "stream"), f"unknown stream {fn.stream!r} (streams: {known})")
     if fn.handler:
         problems.add((*where, "handler"), "stream functions take 'steps', not a 'handler'")
+    for field in ("on_success", "on_error"):
+        if getattr(fn, field) is not None:
+            problems.add((*where, field), "not supported for stream functions yet")
     for j, raw in enumerate(fn.steps):
         try:
             step_type = STEPS[parse_step(raw)[0]]

@@ -186,9 +186,11 @@ class Column:
     def _strptime(self, text: pa.Array) -> tuple[pa.Array, pa.Array]:
         """Parse with ``format``; invalid where it fails or the calendar was bent.
 
-        Arrow's strptime turns 2026-02-30 into 2026-03-02, so each result is
-        rendered back with the format and compared with the value as written,
-        ignoring leading zeros and case (``2026-2-3`` and ``FEB`` are fine).
+        Arrow's strptime turns 2026-02-30 into 2026-03-02 (and day 366 of a
+        common year into January 1st). A bent date always lands on day 1 to 3
+        of a month, so only those are rendered back with the format and
+        compared with the value as written, ignoring leading zeros and case
+        (``2026-2-3`` and ``FEB`` are fine); rendering is the slow part.
         Seconds are whole (strptime has no fractions), which also keeps
         strftime's ``%S`` free of them.
         """
@@ -196,9 +198,16 @@ class Column:
         stamps = pc.strptime(text, format=self.format, unit="s", error_is_null=True)
         invalid = pc.and_(pc.is_valid(text), pc.is_null(stamps))
         if "%z" not in self.format and "%Z" not in self.format:
-            shown = pc.strftime(stamps, format=self.format)
-            same = pc.equal(_canonical(shown), _canonical(text))
-            invalid = pc.or_(invalid, pc.fill_null(pc.invert(same), False))
+            suspect = pc.indices_nonzero(pc.fill_null(pc.less_equal(pc.day(stamps), 3), False))
+            if len(suspect):
+                written = text.take(suspect)
+                shown = pc.strftime(stamps.take(suspect), format=self.format)
+                same = pc.equal(shown, written)
+                if not pc.all(same).as_py():
+                    same = pc.or_(same, pc.equal(_canonical(shown), _canonical(written)))
+                bent = suspect.filter(pc.invert(same))
+                if len(bent):
+                    invalid = pc.or_(invalid, mask_of(bent, len(text)))
         return pc.if_else(invalid, pa.scalar(None, stamps.type), stamps), invalid
 
     def _timestamps(self, text: pa.Array) -> tuple[pa.Array, pa.Array]:

@@ -1,6 +1,6 @@
 """Built-in steps; importing this package registers them by name."""
 
-from . import parquet, python, read_csv, sinks  # noqa: F401 - registration side effects
+from . import parquet, python, read_csv, sinks, validate  # noqa: F401 - registration side effects
 from .base import STEPS, StepContext, StepSpecError, StepType, parse_step, register
 from .python import handler, step
 

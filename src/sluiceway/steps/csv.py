@@ -220,7 +220,11 @@ def read_csv_batches(
         names = _column_names(feeder.take_first_block(), options)
         context = _ErrorContext(name=name, options=options, names=names, feeder=feeder)
         skipped = _SkippedRows() if on_malformed is not None else None
-        numbering = skipped is not None or options.line_column is not None
+        numbering = (
+            _RowNumbering(feeder, options, skipped)
+            if skipped is not None or options.line_column is not None
+            else None
+        )
         try:
             reader = pacsv.open_csv(
                 feeder,
@@ -245,18 +249,17 @@ def read_csv_batches(
             # pyarrow turns block i into batch i, so once a batch is out the
             # blocks before it can no longer hold an undiscovered error.
             feeder.release_before(batches - 1)
-            if numbering:
-                block = feeder.block(batches - 1)
-                batch, malformed = _number_rows(batch, block, options, skipped)
+            if numbering is not None:
+                batch, malformed = numbering.number(batch)
                 if malformed and on_malformed is not None:
                     on_malformed(malformed)
             if batch.num_rows:
                 rows += batch.num_rows
                 yield batch
-        if skipped is not None and on_malformed is not None:
-            unplaced = skipped.unplaced()
-            if unplaced:
-                on_malformed(unplaced)
+        if numbering is not None and on_malformed is not None:
+            malformed = numbering.finish()
+            if malformed:
+                on_malformed(malformed)
         if options.header and rows == 0 and (skipped is None or skipped.total == 0):
             raise InputError("header only, no data rows", file=name)
 
@@ -768,7 +771,7 @@ class _SkippedRows:
     With ``use_threads=True`` pyarrow calls the handler from its parser
     threads, without a row number, and possibly for blocks ahead of the batch
     being delivered.  So rows are kept by text and placed when the batch of
-    their block comes out (:func:`_number_rows`): whether a record has the
+    their block comes out (:class:`_RowNumbering`): whether a record has the
     wrong number of fields depends on its text alone, so every record of the
     block whose text is that of a skipped row is one of the skipped rows.
     """
@@ -840,7 +843,9 @@ def _block_records(block: _Block, skip_header: bool) -> tuple[pa.Array, pa.Array
             )
             lines = pc.binary_join(pa.ListArray.from_arrays(offsets, lines), "\n")
             first = first.take(starts)
-    texts = pc.replace_substring_regex(lines, pattern="\r$", replacement="")
+    texts = lines
+    if b"\r" in block.data:
+        texts = pc.if_else(pc.ends_with(lines, "\r"), pc.utf8_slice_codeunits(lines, 0, -1), lines)
     present = pc.not_equal(pc.binary_length(texts), 0)
     texts, first = texts.filter(present), first.filter(present)
     if skip_header and len(texts):
@@ -848,42 +853,77 @@ def _block_records(block: _Block, skip_header: bool) -> tuple[pa.Array, pa.Array
     return texts, pc.add(first, block.first_line)
 
 
-def _number_rows(
-    batch: pa.RecordBatch,
-    block: _Block | None,
-    options: CsvOptions,
-    skipped: _SkippedRows | None,
-) -> tuple[pa.RecordBatch, list[MalformedRow]]:
-    """Give ``batch`` its line numbers and place the rows pyarrow skipped in its block.
+class _RowNumbering:
+    """Maps each batch to its block, to give it line numbers and place skipped rows.
 
-    Lines are only trusted when the records found in the block, less the
-    skipped ones, are exactly the batch's rows; otherwise (a lone CR line
-    ending, a block not starting on a record) the batch gets null lines and
-    its skipped rows are reported at the end without one.
+    pyarrow turns block i into batch i, except that it does not deliver the
+    empty batches of leading blocks (say, the header and rows that were all
+    skipped). So a block whose records were all skipped may be passed over
+    for the next one. Lines are only trusted when the records found in the
+    block, less the skipped ones, are exactly the batch's rows; otherwise (a
+    lone CR line ending, a block not starting on a record) the batch gets
+    null lines and the rows skipped in it are reported at the end without one.
     """
-    lines: pa.Array | None = None
-    malformed: list[MalformedRow] = []
-    if block is not None and block.aligned:
-        texts, first = _block_records(block, options.header and block.index == 0)
-        pending = skipped.texts() if skipped is not None else []
+
+    def __init__(
+        self, feeder: _BlockFeeder, options: CsvOptions, skipped: _SkippedRows | None
+    ) -> None:
+        self.feeder = feeder
+        self.options = options
+        self.skipped = skipped
+        self.next = 0  # index of the next block to map
+
+    def number(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[MalformedRow]]:
+        lines: pa.Array | None = None
+        malformed: list[MalformedRow] = []
+        while (block := self.feeder.block(self.next)) is not None:
+            self.next += 1
+            placed = self._place(block)
+            if placed is None:
+                break
+            good, skipped = placed
+            malformed += skipped  # taken from the pending ones: never dropped
+            if len(good) == batch.num_rows:
+                lines = good
+                break
+            if len(good) or not batch.num_rows:
+                break  # not the block of this batch after all: lines stay unknown
+            # else a block without rows, which pyarrow passed over: try the next
+        self.feeder.release_before(self.next - 1)
+        if self.options.line_column is not None:
+            if lines is None:
+                lines = pa.nulls(batch.num_rows, pa.int64())
+            batch = batch.append_column(self.options.line_column, lines)
+        return batch, malformed
+
+    def finish(self) -> list[MalformedRow]:
+        """Skipped rows of trailing blocks without rows, then any never placed."""
+        malformed: list[MalformedRow] = []
+        while (block := self.feeder.block(self.next)) is not None:
+            self.next += 1
+            placed = self._place(block)
+            if placed is not None:
+                malformed += placed[1]
+        if self.skipped is not None:
+            malformed += self.skipped.unplaced()
+        return malformed
+
+    def _place(self, block: _Block) -> tuple[pa.Array, list[MalformedRow]] | None:
+        """(lines of the rows pyarrow kept, the rows it skipped) of one block, or None."""
+        if not block.aligned:
+            return None
+        texts, first = _block_records(block, self.options.header and block.index == 0)
+        pending = self.skipped.texts() if self.skipped is not None else []
         flagged = pc.is_in(texts, value_set=pa.array(pending, pa.string()))
         where = pc.indices_nonzero(flagged)
-        if len(texts) - len(where) == batch.num_rows:
-            if not len(where):
-                lines = first
-            elif skipped is not None:
-                found = list(
-                    zip(first.take(where).to_pylist(), texts.take(where).to_pylist(), strict=True)
-                )
-                taken = skipped.take(found)
-                if taken is not None:
-                    malformed = taken
-                    lines = first.filter(pc.invert(flagged))
-    if options.line_column is not None:
-        if lines is None:
-            lines = pa.nulls(batch.num_rows, pa.int64())
-        batch = batch.append_column(options.line_column, lines)
-    return batch, malformed
+        if not len(where):
+            return first, []
+        assert self.skipped is not None
+        found = list(zip(first.take(where).to_pylist(), texts.take(where).to_pylist(), strict=True))
+        taken = self.skipped.take(found)
+        if taken is None:
+            return None
+        return first.filter(pc.invert(flagged)), taken
 
 
 # --------------------------------------------------------------------------- error reporting

@@ -161,6 +161,7 @@ class WriteParquet(StepType):
                 writer: pq.ParquetWriter | None = None
                 try:
                     for batch in batches:
+                        faults.point("during_read")
                         if writer is None:
                             writer = pq.ParquetWriter(f, batch.schema, compression=compression)
                         writer.write_batch(batch, row_group_size=opts.row_group_size)

@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 from .. import faults
 from ..errors import SluicewayError
 from ..events import Event
+from ..ledger import Claim, SqliteLedger
 from ..steps import STEPS, parse_step
 from ..steps.base import StepContext, StepFn
 from .base import CheckpointConflict, Record
@@ -391,9 +392,10 @@ class StreamConsumer:
             self.pipeline.bucket(f["bucket"]).delete(f["key"])
 
     def _commit(self, ctx: FlushContext, info: dict[str, Any]) -> None:
-        """Step 3: checkpoint, dedup keys, counters, ledger entry; all or nothing."""
+        """Step 3: checkpoint, dedup keys, counters, intent (and ledger entry); all or nothing."""
         lo, hi = ctx.from_seq, ctx.to_seq
         ledger = self.pipeline.ledger
+        same_db = isinstance(ledger, SqliteLedger) and ledger.db is self.pipeline.db
         key = flush_ledger_key(self.function, self.stream_name, lo, hi)
         finished = time.time()
         info["finished_at"] = finished
@@ -429,7 +431,17 @@ class StreamConsumer:
                     for name, c in rows
                 ],
             )
-            ledger.claim(key, function=self.function, owner=self.lease.owner, ttl=60.0)
+            if same_db:
+                self._record_in_ledger(key, info)
+        if not same_db:  # a remote ledger cannot join; it only keeps the record for summaries
+            self._record_in_ledger(key, info)
+
+    def _record_in_ledger(self, key: str, info: dict[str, Any]) -> None:
+        """The flush as a finished ledger entry, so `run` summaries and status count it."""
+        ledger = self.pipeline.ledger
+        if ledger.claim(key, function=self.function, owner=self.lease.owner, ttl=60.0) is (
+            Claim.ACQUIRED
+        ):
             ledger.complete(key, owner=self.lease.owner, info=info)
 
     def _trim(self) -> None:
