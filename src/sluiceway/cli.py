@@ -107,7 +107,8 @@ def _print_summary(summary: Any, as_json: bool) -> None:
     rate = summary.done / summary.seconds if summary.seconds else 0.0
     console.print(
         f"[bold]{summary.done}[/bold] inputs processed, {summary.rows_in:,} rows in, "
-        f"{summary.rows_out:,} rows out in {summary.seconds:.2f}s ({rate:.1f} inputs/s)"
+        f"{summary.rows_out:,} rows out, {summary.rows_rejected:,} rejected "
+        f"in {summary.seconds:.2f}s ({rate:.1f} inputs/s)"
     )
     if summary.failed or summary.dead_lettered or summary.skipped:
         console.print(
@@ -279,6 +280,25 @@ def trace(
         console.print(
             f"  message {m['id']} {where} {m['queue']} (received {m['receive_count']} times)"
         )
+
+
+queue_app = typer.Typer(help="Look at queues.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.command("peek")
+def queue_peek(
+    name: Annotated[str, typer.Argument(help="Queue name.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    limit: int = 10,
+) -> None:
+    """Print messages waiting in a queue (bodies as JSON Lines) without taking them."""
+    p = _load(pipeline)
+    if name not in p.config.all_queue_names():
+        known = ", ".join(p.config.all_queue_names())
+        raise typer.BadParameter(f"unknown queue {name!r} (queues: {known})")
+    for m in p.broker.queue(name).peek(limit):
+        print(m.body)
 
 
 table_app = typer.Typer(help="Look at tables.", no_args_is_help=True)

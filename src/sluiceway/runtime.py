@@ -24,6 +24,7 @@ from typing import Any
 from .activity import Activity, Doing
 from .buckets.local import LocalBucket
 from .pipeline import Pipeline
+from .poller import start_discovery
 from .queues.base import Message
 from .watcher import BucketWatcher
 from .worker import Shutdown, Worker
@@ -75,6 +76,7 @@ class RunSummary:
     dead_lettered: int = 0
     rows_in: int = 0
     rows_out: int = 0
+    rows_rejected: int = 0
     outputs: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
 
@@ -148,6 +150,8 @@ class Runtime:
         self.sweep()
         if self.reconcile:
             self.pipeline.reconcile()
+        if self.watch:  # buckets without a directory watcher (S3): poll, read notifications
+            start_discovery(self.pipeline, self._stop, once=self._drain_workers.is_set())
         if self.workers == 0:
             self._local_worker = Worker(self.pipeline, self.functions, drain=self._drain_workers)
         self._procs = [self._spawn(i) for i in range(self.workers)]
@@ -287,6 +291,7 @@ class Runtime:
                 stats = entry.info.get("stats", {})
                 s.rows_in += stats.get("rows_in", 0)
                 s.rows_out += stats.get("rows_out", 0)
+                s.rows_rejected += stats.get("rows_rejected", 0)
                 s.outputs.extend(entry.info.get("outputs", []))
             elif entry.status == "failed":
                 s.failed += 1

@@ -25,6 +25,7 @@ what was quarantined, so ``rows_in = rows_out + rows_rejected`` for each file.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from ..config import DestinationConfig
 from ..errors import ConfigError, InputError
+from ..queues.base import OutgoingMessage
 from ..schema import Column, Parsed, Schema, arange, load_schema, mask_of
 from .base import (
     Batches,
@@ -60,6 +63,8 @@ class ValidateOptions(StepOptions):
     schema_file: str = Field(alias="schema", min_length=1)
     on_invalid: Literal["quarantine", "fail"] = "quarantine"
     rejects: str | None = None  # bucket for the reject file; default: the sink's bucket
+    # Also send each reject as a JSON message (to tell a partner, or a person).
+    errors: DestinationConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class _Plan:
     schema: Schema
     on_invalid: str
     rejects: str | None  # None with on_invalid: fail
+    errors: DestinationConfig | None = None
 
 
 @register
@@ -113,7 +119,15 @@ class Validate(StepType):
                     "bucket; give 'rejects: BUCKET'",
                     (self.name,),
                 )
-        return _Plan(schema, opts.on_invalid, rejects)
+        if opts.errors is not None:
+            dest = opts.errors
+            if (dest.queue is None) == (dest.topic is None):
+                raise StepSpecError("give exactly one of 'queue' or 'topic'", (self.name, "errors"))
+            if dest.queue is not None and dest.queue not in cfg.queues:
+                raise StepSpecError(f"unknown queue {dest.queue!r}", (self.name, "errors", "queue"))
+            if dest.topic is not None and dest.topic not in cfg.topics:
+                raise StepSpecError(f"unknown topic {dest.topic!r}", (self.name, "errors", "topic"))
+        return _Plan(schema, opts.on_invalid, rejects, opts.errors)
 
 
 def _function_steps(raw: Any, cfg: PipelineConfig) -> tuple[list[tuple[str, Any]], int] | None:
@@ -182,6 +196,7 @@ def _validated(ctx: StepContext, batches: Batches, plan: _Plan) -> Iterator[pa.R
                 raise _as_error(bad[0], ctx.input_name)
             if rejects is not None:
                 rejects.write(bad)
+                _announce(ctx, plan, bad)
             if good.num_rows:
                 yielded = True
                 yield good
@@ -190,10 +205,28 @@ def _validated(ctx: StepContext, batches: Batches, plan: _Plan) -> Iterator[pa.R
             raise _as_error(rest[0], ctx.input_name)
         if rejects is not None:
             rejects.write(rest)
+            _announce(ctx, plan, rest)
     if not yielded:
         # Every row rejected: an empty output with the schema's columns still
         # says the input was processed (and keeps sinks from failing on it).
         yield checker.empty()
+
+
+def _announce(ctx: StepContext, plan: _Plan, records: list[dict[str, Any]]) -> None:
+    """Rejects as error messages, ids from the input and line: never sent twice."""
+    if plan.errors is None or not records or ctx.publish is None:
+        return
+    identity = ctx.event.input_identity
+    messages = [
+        OutgoingMessage(
+            json.dumps({"input": ctx.input_name, **r}, default=str, ensure_ascii=False),
+            {"input": ctx.input_name, "kind": "reject"},
+            f"{identity}#reject-{r.get('line') if r.get('line') is not None else i}",
+        )
+        for i, r in enumerate(records)
+    ]
+    sent = ctx.publish(messages, queue=plan.errors.queue, topic=plan.errors.topic)
+    ctx.count("error_messages", sent)
 
 
 def _malformed(ctx: StepContext) -> list[dict[str, Any]]:
