@@ -17,12 +17,10 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
 from .errors import ConfigError, PatternError
 from .patterns import compile_pattern
+from .yamlfile import Problems, load_yaml, plain
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -115,6 +113,18 @@ class ProfileConfig(_Model):
     ledger: str | None = None  # postgresql://, redis://, dynamodb://
     tables: str | None = None  # postgresql://, dynamodb://
     streams: str | None = None
+    notifications: str | None = None  # S3 event notifications: sqs://QUEUE?endpoint_url=…
+
+
+class DiscoveryConfig(_Model):
+    """How buckets without a directory watcher (S3) are polled; see ``poller.py``."""
+
+    poll_interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0
+    # Each poll re-checks objects up to this much older than the newest seen (late
+    # multipart uploads); null: check every object on every poll.
+    lookback: Duration | None = 3600.0
+    # Buckets whose new keys always sort after the old ones: list from the last key.
+    start_after: list[Name] = Field(default_factory=list)
 
 
 class PipelineConfig(_Model):
@@ -131,6 +141,7 @@ class PipelineConfig(_Model):
     rules: list[RuleConfig] = Field(default_factory=list)
     functions: dict[Name, FunctionConfig] = Field(default_factory=dict)
     profiles: dict[Name, ProfileConfig] = Field(default_factory=dict)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
 
     # Filled in by the loader, not by the file.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -175,40 +186,7 @@ class PipelineConfig(_Model):
 # -- locating problems in the file ---------------------------------------------
 
 
-def _line_of(root: Any, path: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the deepest node along ``path`` that exists."""
-    node, line = root, None
-    for part in path:
-        if isinstance(node, CommentedMap) and part in node:
-            line = node.lc.key(part)[0] + 1
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line = node.lc.item(part)[0] + 1
-            node = node[part]
-        else:
-            break
-    if line is None and hasattr(root, "lc"):
-        line = root.lc.line + 1
-    return line
-
-
-class _Problems:
-    def __init__(self, source: str, doc: Any) -> None:
-        self.source = source
-        self.doc = doc
-        self.items: list[tuple[int, str]] = []
-
-    def add(self, path: tuple[Any, ...], message: str) -> None:
-        line = _line_of(self.doc, path)
-        where = ".".join(str(p) for p in path) or "(top level)"
-        self.items.append((line or 0, f"{self.source}:{line or 1}: {where}: {message}"))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ConfigError([msg for _, msg in sorted(self.items)])
-
-
-def _pydantic_problems(problems: _Problems, err: ValidationError) -> None:
+def _pydantic_problems(problems: Problems, err: ValidationError) -> None:
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # Union members add their class name to the location; drop those.
@@ -226,7 +204,7 @@ def _pydantic_problems(problems: _Problems, err: ValidationError) -> None:
 # -- cross references --------------------------------------------------------
 
 
-def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
+def _check_references(cfg: PipelineConfig, problems: Problems) -> None:
     from .steps import STEPS, StepSpecError, parse_step
     from .steps.python import import_module, resolve_handler
 
@@ -271,6 +249,10 @@ def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
                     f"unknown bucket {value!r}",
                 )
 
+    for i, name in enumerate(cfg.discovery.start_after):
+        if name not in cfg.buckets:
+            problems.add(("discovery", "start_after", i), f"unknown bucket {name!r}")
+
     fed: dict[str, str] = {}
     for name, fn in cfg.functions.items():
         if fn.stream is not None or fn.queue is None:
@@ -311,7 +293,7 @@ def _check_references(cfg: PipelineConfig, problems: _Problems) -> None:
 
 
 def _check_stream_function(
-    cfg: PipelineConfig, name: str, fn: FunctionConfig, problems: _Problems
+    cfg: PipelineConfig, name: str, fn: FunctionConfig, problems: Problems
 ) -> None:
     """A stream function: a known stream, steps (no handler), a dataset writer last."""
     from .steps import STEPS, StepSpecError, parse_step
@@ -352,7 +334,7 @@ def _check_stream_function(
 
 
 def _check_destination(
-    cfg: PipelineConfig, dest: DestinationConfig, path: tuple[Any, ...], problems: _Problems
+    cfg: PipelineConfig, dest: DestinationConfig, path: tuple[Any, ...], problems: Problems
 ) -> None:
     """A message destination: exactly one of a known queue or a known topic."""
     if (dest.queue is None) == (dest.topic is None):
@@ -378,14 +360,6 @@ def _bucket_names_in(pattern: dict[str, Any]) -> list[Any]:
 # -- entry points --------------------------------------------------------------
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
 def loads(
     text: str,
     *,
@@ -394,19 +368,13 @@ def loads(
     profile: str | None = None,
 ) -> PipelineConfig:
     """Parse and check a pipeline; raises ConfigError listing every problem."""
-    yaml = YAML(typ="rt")
-    try:
-        doc = yaml.load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise ConfigError([f"{source}:{line}: not valid YAML: {e.problem}"]) from None
-    problems = _Problems(source, doc)
+    doc = load_yaml(text, source)
+    problems = Problems(source, doc)
     if not isinstance(doc, dict):
         problems.add((), "the pipeline file must be a mapping with 'pipeline:', 'queues:', …")
         problems.raise_if_any()
     try:
-        cfg = PipelineConfig.model_validate(_plain(doc))
+        cfg = PipelineConfig.model_validate(plain(doc))
     except ValidationError as err:
         _pydantic_problems(problems, err)
         problems.raise_if_any()
@@ -435,10 +403,11 @@ def expand_env(url: str) -> str:
 
 def _profile_urls(profile: ProfileConfig) -> list[str]:
     urls = [u for u in (profile.broker, profile.ledger, profile.tables, profile.streams) if u]
+    urls += [profile.notifications] if profile.notifications else []
     return urls + list(profile.buckets.values())
 
 
-def _check_profiles(cfg: PipelineConfig, problems: _Problems) -> None:
+def _check_profiles(cfg: PipelineConfig, problems: Problems) -> None:
     for name, profile in cfg.profiles.items():
         for bucket in profile.buckets:
             if bucket not in cfg.buckets:
@@ -448,6 +417,7 @@ def _check_profiles(cfg: PipelineConfig, problems: _Problems) -> None:
             "ledger": profile.ledger,
             "tables": profile.tables,
             "streams": profile.streams,
+            "notifications": profile.notifications,
         }
         fields.update({f"buckets.{b}": u for b, u in profile.buckets.items()})
         for field, url in fields.items():
@@ -488,20 +458,15 @@ def load(path: str | Path, profile: str | None = None) -> PipelineConfig:
 
 
 def _load_profiles(path: Path, cfg: PipelineConfig) -> dict[str, ProfileConfig]:
-    yaml = YAML(typ="rt")
-    try:
-        doc = yaml.load(path.read_text(encoding="utf-8")) or {}
-    except MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark is not None else 1
-        raise ConfigError([f"{path}:{line}: not valid YAML: {e.problem}"]) from None
-    problems = _Problems(str(path), doc)
+    doc = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    problems = Problems(str(path), doc)
     out: dict[str, ProfileConfig] = {}
     for name, raw in doc.items() if isinstance(doc, dict) else []:
         if name in cfg.profiles:
             problems.add((name,), f"profile {name!r} is also defined in {cfg.source}")
             continue
         try:
-            out[str(name)] = ProfileConfig.model_validate(_plain(raw))
+            out[str(name)] = ProfileConfig.model_validate(plain(raw))
         except ValidationError as err:
             for e in err.errors():
                 problems.add((name, *e["loc"]), e["msg"])

@@ -35,12 +35,10 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
 from .errors import ConfigError
 from .steps.csv import arrow_type
+from .yamlfile import Problems, load_yaml, plain
 
 __all__ = ["Column", "ColumnSpec", "Parsed", "Schema", "SchemaFile", "load_schema"]
 
@@ -341,58 +339,6 @@ def _explain_decimal(value: str, arrow: pa.DataType) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-class _Problems:
-    def __init__(self, source: str, doc: Any) -> None:
-        self.source = source
-        self.doc = doc
-        self.items: list[tuple[int, str]] = []
-
-    def add(self, path: tuple[Any, ...], message: str) -> None:
-        line = _line_of(self.doc, path)
-        where = ".".join(str(p) for p in path) or "(top level)"
-        self.items.append((line, f"{self.source}:{line}: {where}: {message}"))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ConfigError([msg for _, msg in sorted(self.items)])
-
-
-def _line_of(root: Any, path: tuple[Any, ...]) -> int:
-    """The 1-based line of the deepest node along ``path`` that exists."""
-    node, line = root, None
-    for part in path:
-        if isinstance(node, CommentedMap) and part in node:
-            line = node.lc.key(part)[0] + 1
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line = node.lc.item(part)[0] + 1
-            node = node[part]
-        else:
-            break
-    if line is None:
-        line = root.lc.line + 1 if hasattr(root, "lc") else 1
-    return line
-
-
-def _plain(node: Any) -> Any:
-    """ruamel's round-trip nodes as plain Python values, for pydantic."""
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    if isinstance(node, bool) or node is None:
-        return node
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
-    if isinstance(node, str):
-        return str(node)
-    if isinstance(node, dt.datetime):
-        return dt.datetime.fromisoformat(node.isoformat())
-    return node
-
-
 def load_schema(path: Path, shown: str | None = None) -> Schema:
     """Read and check a schema file; ConfigError lists every problem with its line.
 
@@ -409,23 +355,18 @@ def load_schema(path: Path, shown: str | None = None) -> Schema:
 
 
 def loads_schema(text: str, source: str = "<schema>") -> Schema:
-    try:
-        doc = YAML(typ="rt").load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise ConfigError([f"{source}:{line}: not valid YAML: {e.problem}"]) from None
-    problems = _Problems(source, doc)
+    doc = load_yaml(text, source)
+    problems = Problems(source, doc)
     if not isinstance(doc, dict):
         problems.add((), "a schema file is a mapping with 'columns:' (and 'extra_columns:')")
         problems.raise_if_any()
-    plain = _plain(doc)
+    data = plain(doc)
     try:
-        spec = SchemaFile.model_validate(plain)
+        spec = SchemaFile.model_validate(data)
     except ValidationError as err:
         _pydantic_problems(problems, err, ())
         # Check the columns that are well-formed too, so every mistake shows at once.
-        raw_columns = plain.get("columns")
+        raw_columns = data.get("columns")
         if isinstance(raw_columns, dict):
             _compile(_valid_columns(raw_columns), problems)
         problems.raise_if_any()
@@ -435,7 +376,7 @@ def loads_schema(text: str, source: str = "<schema>") -> Schema:
     return Schema(path=source, columns=tuple(columns), extra_columns=spec.extra_columns)
 
 
-def _pydantic_problems(problems: _Problems, err: ValidationError, prefix: tuple[Any, ...]) -> None:
+def _pydantic_problems(problems: Problems, err: ValidationError, prefix: tuple[Any, ...]) -> None:
     seen: set[tuple[Any, ...]] = set()
     for e in err.errors():
         path, union = _error_path((*prefix, *e["loc"]))
@@ -470,7 +411,7 @@ def _error_path(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]:
     return head + kept, kept != tail
 
 
-def _compile(specs: dict[str, ColumnSpec], problems: _Problems) -> list[Column]:
+def _compile(specs: dict[str, ColumnSpec], problems: Problems) -> list[Column]:
     """Columns ready to use; what pydantic cannot see (types, regexes, bounds) as problems."""
     columns: list[Column] = []
     outputs: dict[str, str] = {}
@@ -549,7 +490,7 @@ def _known_timezone(name: str) -> bool:
 
 
 def _enum(
-    column: Column, values: list[Any] | None, at: tuple[Any, ...], problems: _Problems
+    column: Column, values: list[Any] | None, at: tuple[Any, ...], problems: Problems
 ) -> tuple[pa.Array | None, str]:
     """Allowed values, typed like the column by the same parser as the data."""
     if values is None:
@@ -572,9 +513,7 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _bound(
-    column: Column, value: Any, at: tuple[Any, ...], problems: _Problems
-) -> pa.Scalar | None:
+def _bound(column: Column, value: Any, at: tuple[Any, ...], problems: Problems) -> pa.Scalar | None:
     """min/max as an Arrow scalar of the column's type.
 
     Dates and timestamps are written in ISO 8601 whatever the column's

@@ -205,11 +205,18 @@ class StateDB:
         return conn
 
     def _wal(self, conn: sqlite3.Connection) -> None:
-        """Switch to WAL, waiting (bounded) if another process holds the database."""
+        self._while_locked(conn, "PRAGMA journal_mode=WAL")
+
+    def _while_locked(self, conn: sqlite3.Connection, statement: str) -> None:
+        """Run ``statement``, retrying while another process holds the database.
+
+        SQLite's busy handler covers most waits; this bounded loop covers the
+        statements it gives up on at once, and ends in a clear StateLocked.
+        """
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(statement)
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
@@ -236,20 +243,7 @@ class StateDB:
             finally:
                 self._local.depth -= 1
             return
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise StateLocked(
-                        f"state database {self.path} is locked by another process "
-                        f"(waited {self.busy_timeout:g}s)"
-                    ) from e
-                time.sleep(0.05)
+        self._while_locked(conn, "BEGIN IMMEDIATE")
         self._local.depth = 1
         try:
             yield conn

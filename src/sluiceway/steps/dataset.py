@@ -40,11 +40,11 @@ from pydantic import Field, field_validator
 from ..config import Duration
 from ..errors import InputError
 from .base import Batches, StepContext, StepFn, StepOptions, StepSpecError, StepType, register
+from .partition import PartitionBy, check_partition_by, derive, partition_spec
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
 
-DERIVED = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
 EXTENSIONS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 SEQ_DIGITS = 16
 
@@ -69,7 +69,7 @@ class WriteDatasetOptions(StepOptions):
     bucket: str
     prefix: str = ""
     format: Literal["parquet", "jsonl"] = "parquet"
-    partition_by: list[str | dict[str, str]] = Field(default_factory=list)
+    partition_by: PartitionBy = Field(default_factory=list)
     flush_records: int = Field(10_000, ge=1, le=1_000_000)
     flush_seconds: Duration = 60.0
     compression: Literal["snappy", "zstd", "gzip", "lz4", "brotli", "none"] = "zstd"
@@ -77,13 +77,8 @@ class WriteDatasetOptions(StepOptions):
 
     @field_validator("partition_by")
     @classmethod
-    def _check_parts(cls, parts: list[str | dict[str, str]]) -> list[str | dict[str, str]]:
-        for part in parts:
-            if isinstance(part, dict) and (len(part) != 1 or next(iter(part)) not in DERIVED):
-                raise ValueError(
-                    f"a derived partition is one of {sorted(DERIVED)}: COLUMN, got {part}"
-                )
-        return parts
+    def _check_parts(cls, parts: PartitionBy) -> PartitionBy:
+        return check_partition_by(parts)
 
     @field_validator("prefix")
     @classmethod
@@ -92,38 +87,6 @@ class WriteDatasetOptions(StepOptions):
         if any(p in ("", ".", "..") for p in prefix.split("/")) and prefix:
             raise ValueError(f"invalid prefix {prefix!r}")
         return prefix
-
-
-def partition_spec(parts: list[str | dict[str, str]]) -> list[tuple[str, str, str | None]]:
-    """``[event_name, {date: created_at}]`` → [(name, source column, strftime or None)]."""
-    out: list[tuple[str, str, str | None]] = []
-    for part in parts:
-        if isinstance(part, str):
-            out.append((part, part, None))
-        else:
-            name, column = next(iter(part.items()))
-            out.append((name, column, DERIVED[name]))
-    return out
-
-
-def _derived(table: pa.Table, name: str, column: str, fmt: str, where: str) -> pa.Array:
-    values = table.column(column)
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        try:
-            values = pc.cast(values, pa.timestamp("us", tz="UTC"))
-        except pa.ArrowInvalid as e:
-            raise InputError(
-                f"cannot derive partition {name!r}: {e}", file=where, field=column
-            ) from None
-    if pa.types.is_date(values.type):
-        values = pc.cast(values, pa.timestamp("s"))
-    if not pa.types.is_timestamp(values.type):
-        raise InputError(
-            f"partition {name!r} needs a date or timestamp column; {column!r} is {values.type}",
-            file=where,
-            field=column,
-        )
-    return pc.strftime(values, format=fmt)
 
 
 def _json_value(value: Any) -> Any:
@@ -238,7 +201,7 @@ class WriteDataset(StepType):
             values[part] = (
                 table.column(column)
                 if fmt is None
-                else _derived(table, part, column, fmt, ctx.input_name)
+                else derive(table, part, column, fmt, ctx.input_name)
             )
         part_names = [part for part, _, _ in spec]
         partitioning = ds.partitioning(

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
@@ -23,6 +22,7 @@ from pydantic import Field, field_validator
 from .. import faults
 from ..errors import InputError
 from .base import Batches, StepContext, StepFn, StepOptions, StepSpecError, StepType, register
+from .partition import PartitionBy, check_partition_by, derive, partition_spec
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -56,71 +56,23 @@ def render_key(template: str, bucket: str, key: str) -> str:
     return out.lstrip("/")
 
 
-DERIVED_PARTS = {"date": "%Y-%m-%d", "year": "%Y", "month": "%m", "day": "%d", "hour": "%H"}
-
-
 class WriteParquetOptions(StepOptions):
     bucket: str
     key: str = "{path}.parquet"
     compression: Literal["snappy", "zstd", "gzip", "lz4", "brotli", "none"] = "snappy"
     row_group_size: int = Field(1 << 20, ge=1)
     # Hive partitioning: column names, or {date|year|month|day|hour: column}.
-    partition_by: list[str | dict[str, str]] | None = None
+    partition_by: PartitionBy | None = None
     # With partition_by: the dataset's root, from the same fields as `key`.
     dataset: str = "{dir}"
     max_open_files: int = Field(256, ge=1)
 
     @field_validator("partition_by")
     @classmethod
-    def _check_parts(
-        cls, parts: list[str | dict[str, str]] | None
-    ) -> list[str | dict[str, str]] | None:
-        for part in parts or []:
-            if isinstance(part, dict) and (len(part) != 1 or next(iter(part)) not in DERIVED_PARTS):
-                raise ValueError(
-                    f"a derived partition is one of {sorted(DERIVED_PARTS)}: column, got {part}"
-                )
+    def _check_parts(cls, parts: PartitionBy | None) -> PartitionBy | None:
         if parts is not None and not parts:
             raise ValueError("partition_by needs at least one column")
-        return parts
-
-
-def _partition_spec(parts: list[str | dict[str, str]]) -> list[tuple[str, str, str | None]]:
-    """``[country, {date: created_at}]`` → ``[(country, country, None), (date, created_at, fmt)]``
-
-    (a name, the column it comes from, and a strftime format when derived).
-    """
-    out: list[tuple[str, str, str | None]] = []
-    for part in parts:
-        if isinstance(part, str):
-            out.append((part, part, None))
-        else:
-            name, column = next(iter(part.items()))
-            out.append((name, column, DERIVED_PARTS[name]))
-    return out
-
-
-def _derive(batch: pa.RecordBatch, name: str, column: str, fmt: str, where: str) -> pa.Array:
-    """A partition value computed from a date or timestamp column."""
-    values = batch.column(column)
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        try:
-            values = pc.cast(values, pa.timestamp("us"))
-        except pa.ArrowInvalid as e:
-            raise InputError(
-                f"cannot derive partition {name!r} from column {column!r}: {e}",
-                file=where,
-                field=column,
-            ) from None
-    if pa.types.is_date(values.type):
-        values = pc.cast(values, pa.timestamp("s"))
-    if not pa.types.is_timestamp(values.type):
-        raise InputError(
-            f"partition {name!r} needs a date or timestamp column, {column!r} is {values.type}",
-            file=where,
-            field=column,
-        )
-    return pc.strftime(values, format=fmt)
+        return None if parts is None else check_partition_by(parts)
 
 
 @register
@@ -183,7 +135,7 @@ class WriteParquet(StepType):
 
     def _build_partitioned(self, opts: WriteParquetOptions) -> StepFn:
         assert opts.partition_by
-        spec = _partition_spec(opts.partition_by)
+        spec = partition_spec(opts.partition_by)
         compression = None if opts.compression == "none" else opts.compression
 
         def with_partitions(ctx: StepContext, batches: Batches) -> Iterator[pa.RecordBatch]:
@@ -198,7 +150,7 @@ class WriteParquet(StepType):
                         )
                     if fmt is None:
                         continue
-                    value = _derive(batch, name, column, fmt, ctx.input_name)
+                    value = derive(batch, name, column, fmt, ctx.input_name)
                     if name in batch.schema.names:
                         batch = batch.drop_columns([name])
                     batch = batch.append_column(name, value)
