@@ -36,13 +36,18 @@ def is_ignored_name(name: str) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; a zombie (exited, not yet reaped) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust the signal check
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def md5_file(path: str | os.PathLike[str]) -> str:
