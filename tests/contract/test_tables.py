@@ -11,6 +11,8 @@ from sluiceway.state import StateDB
 from sluiceway.tables.base import MissingKey, Table
 from sluiceway.tables.sqlite import SqliteTable
 
+from ..postgres_backend import postgres_table
+
 
 def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, name: str, key: list[str]) -> Table:
     return SqliteTable(StateDB(tmp_path / "state.db"), name, key)
@@ -20,6 +22,7 @@ def _sqlite(request: pytest.FixtureRequest, tmp_path: Path, name: str, key: list
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path, str, list[str]], Table]] = {
     "sqlite": _sqlite
 }
+BACKENDS["postgres"] = postgres_table
 
 
 @pytest.fixture(params=sorted(BACKENDS))
