@@ -143,31 +143,59 @@ def failure_record(exc: BaseException, message: Message, worker_id: str) -> dict
 
 
 class _Heartbeat:
-    """Extends the message's visibility and the ledger claim while work goes on."""
+    """Keeps the message in hand hidden and its claim alive while work goes on.
 
-    def __init__(self, queue: Queue, message: Message, extend_claim: Callable[[], bool]) -> None:
-        self.queue = queue
-        self.message = message
-        self.extend_claim = extend_claim
-        self.interval = max(queue.spec.visibility_timeout / 3, 0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+    One thread per worker, started once and reused: a thread per message
+    costs more than processing a small file does.
+    """
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: tuple[Queue, Message, Callable[[], bool], float] | None = None
+        self._due = 0.0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    @contextmanager
+    def watch(
+        self, queue: Queue, message: Message, extend_claim: Callable[[], bool]
+    ) -> Iterator[None]:
+        interval = max(queue.spec.visibility_timeout / 3, 0.05)
+        with self._lock:
+            self._job = (queue, message, extend_claim, interval)
+            self._due = time.monotonic() + interval
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+            self._thread.start()
+        self._wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._job = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
+            with self._lock:
+                job, due = self._job, self._due
+            if job is None:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            delay = due - time.monotonic()
+            if delay > 0:
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue
+            queue, message, extend_claim, interval = job
             try:
-                self.extend_claim()  # first: the message stays hidden while the claim lives
-                self.queue.change_visibility(self.message, self.queue.spec.visibility_timeout)
+                extend_claim()  # first: the message stays hidden while the claim lives
+                queue.change_visibility(message, queue.spec.visibility_timeout)
             except Exception:  # a missed beat is retried next interval
-                log.exception("heartbeat failed for message %s", self.message.id)
+                log.exception("heartbeat failed for message %s", message.id)
+            with self._lock:
+                if self._job is job:
+                    self._due = time.monotonic() + interval
 
 
 class Worker:
@@ -186,6 +214,7 @@ class Worker:
 
         self.pipeline = pipeline
         self.enforce_timeouts = enforce_timeouts
+        self._heartbeat = _Heartbeat()
         self.activity = Activity(pipeline.db)
         names = list(functions) if functions is not None else list(pipeline.config.functions)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -278,7 +307,9 @@ class Worker:
         try:
             self._check_version(event)
             with (
-                _Heartbeat(queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)),
+                self._heartbeat.watch(
+                    queue, msg, lambda: ledger.extend(key, owner=self.worker_id, ttl=ttl)
+                ),
                 time_limit(timeout, self.enforce_timeouts, f"function {function!r}"),
             ):
                 runner.run(ctx)
