@@ -16,6 +16,8 @@ import pytest
 from sluiceway.buckets.base import Bucket, ObjectExists, ObjectNotFound
 from sluiceway.buckets.local import LocalBucket
 
+from ..s3_backend import s3_bucket_factory
+
 
 def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
     return LocalBucket("test", tmp_path / "bucket")
@@ -24,6 +26,7 @@ def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
 # name → factory(request, tmp_path); a factory may ask for service fixtures
 # with request.getfixturevalue(...) and skips (or fails in CI) without them.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Bucket]] = {"local": _local}
+BACKENDS["s3"] = s3_bucket_factory  # SeaweedFS on loopback (tests/s3_backend.py)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
