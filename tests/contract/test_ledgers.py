@@ -11,6 +11,10 @@ import pytest
 from sluiceway.ledger import Claim, Ledger, SqliteLedger
 from sluiceway.state import StateDB
 
+from ..aws_backend import dynamo_ledger
+from ..postgres_backend import postgres_ledger
+from ..redis_backend import redis_ledger
+
 
 def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
     return SqliteLedger(StateDB(tmp_path / "state.db"))
@@ -18,6 +22,9 @@ def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
 
 # name → factory(request, tmp_path) giving an empty ledger (a fresh namespace).
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Ledger]] = {"sqlite": _sqlite}
+BACKENDS["postgres"] = postgres_ledger
+BACKENDS["redis"] = redis_ledger
+BACKENDS["dynamodb"] = dynamo_ledger
 
 
 @pytest.fixture(params=sorted(BACKENDS))

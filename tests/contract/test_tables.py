@@ -11,6 +11,7 @@ from sluiceway.state import StateDB
 from sluiceway.tables.base import MissingKey, Table
 from sluiceway.tables.sqlite import SqliteTable
 
+from ..aws_backend import dynamo_table
 from ..postgres_backend import postgres_table
 
 
@@ -23,6 +24,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path, str, list[str]], Tabl
     "sqlite": _sqlite
 }
 BACKENDS["postgres"] = postgres_table
+BACKENDS["dynamodb"] = dynamo_table
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -1,0 +1,102 @@
+"""SQS/SNS and DynamoDB for tests: one moto server per session, reset before each test.
+
+The contract suites (tests/contract) call :func:`sqs_broker`,
+:func:`dynamo_ledger` and :func:`dynamo_table` through their ``BACKENDS``
+dicts; the AWS tests use :func:`sqs_url` and :func:`dynamodb_url` directly.
+Each factory asks for the ``aws`` fixture (tests/conftest.py): the session's
+moto server, reset (so every test starts with no queues, topics or tables),
+with dummy credentials in the environment the way users give real ones.
+A per-test prefix on top keeps names unique even without the reset.
+
+boto3 and the AWS backends are imported inside the functions, so collecting
+the contract suites works where boto3 is not installed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sluiceway.ledger import Ledger
+from sluiceway.queues.base import Broker
+from sluiceway.tables.base import Table
+
+REGION = "us-east-1"
+
+
+def moto(request: pytest.FixtureRequest) -> str:
+    """The reset moto server's URL (skips, or fails in CI, when moto is missing)."""
+    pytest.importorskip("boto3", reason="boto3 (pip install 'sluiceway[aws]')")
+    return str(request.getfixturevalue("aws"))
+
+
+def sqs_url(endpoint: str, prefix: str = "", **options: str) -> str:
+    """An ``sqs://`` broker URL on the moto endpoint."""
+    query = "&".join(
+        f"{k}={v}"
+        for k, v in {
+            "endpoint_url": endpoint,
+            "region": REGION,
+            "prefix": prefix,
+            **options,
+        }.items()
+    )
+    return f"sqs://?{query}"
+
+
+def dynamodb_url(endpoint: str, table_prefix: str = "", **options: str) -> str:
+    """A ``dynamodb://`` ledger/tables URL on the moto endpoint."""
+    query = "&".join(
+        f"{k}={v}"
+        for k, v in {
+            "endpoint_url": endpoint,
+            "region": REGION,
+            "table_prefix": table_prefix,
+            **options,
+        }.items()
+    )
+    return f"dynamodb://?{query}"
+
+
+def fresh_prefix(stem: str = "t") -> str:
+    return f"{stem}{uuid.uuid4().hex[:8]}-"
+
+
+def client(service: str, endpoint: str) -> Any:
+    """A plain boto3 client on moto (for assertions: "another program")."""
+    import boto3
+
+    return boto3.client(service, endpoint_url=endpoint, region_name=REGION)
+
+
+def sqs_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
+    """The queue contract's broker (its SPECS and SUBSCRIPTIONS) on fresh SQS queues."""
+    from sluiceway.queues.sqs import SqsBroker
+
+    from .contract.test_queues import SPECS, SUBSCRIPTIONS
+
+    return SqsBroker.from_url(sqs_url(moto(request), fresh_prefix()), SPECS, SUBSCRIPTIONS)
+
+
+def dynamo_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
+    """An empty DynamoDB ledger: fresh tables, namespace ``contract``."""
+    from sluiceway.ledgers.dynamodb import DynamoLedger
+
+    return DynamoLedger.from_url(dynamodb_url(moto(request), fresh_prefix()), "contract")
+
+
+def dynamo_table(
+    request: pytest.FixtureRequest, tmp_path: Path, name: str, key: list[str]
+) -> Table:
+    """An empty DynamoDB table; tables of one test share its prefix, like one database."""
+    from sluiceway.tables.dynamodb import DynamoTable
+
+    node = request.node
+    prefix = getattr(node, "_sluiceway_dynamo_prefix", None)
+    if prefix is None:
+        prefix = fresh_prefix()
+        node._sluiceway_dynamo_prefix = prefix
+    return DynamoTable.from_url(dynamodb_url(moto(request), prefix), name, key, "contract")
