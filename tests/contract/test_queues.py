@@ -15,6 +15,9 @@ from sluiceway.queues.base import Broker, OutgoingMessage, QueueSpec
 from sluiceway.queues.sqlite import SqliteBroker
 from sluiceway.state import StateDB
 
+from ..aws_backend import sqs_broker
+from ..redis_backend import redis_broker
+
 SPECS = {
     "q": QueueSpec("q", visibility_timeout=0.3, max_receive_count=2, dead_letter_queue="q-dlq"),
     "q-dlq": QueueSpec("q-dlq"),
@@ -31,6 +34,8 @@ def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
 # name → factory(request, tmp_path) building a broker with SPECS and SUBSCRIPTIONS
 # (fresh queues per test); service fixtures via request.getfixturevalue(...).
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Broker]] = {"sqlite": _sqlite}
+BACKENDS["redis"] = redis_broker
+BACKENDS["sqs"] = sqs_broker
 
 
 @pytest.fixture(params=sorted(BACKENDS))
