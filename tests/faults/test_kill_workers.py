@@ -173,12 +173,14 @@ def test_killing_workers_loses_and_duplicates_nothing(
     )
 
     rt = Runtime(path, workers=2, watch=True, grace=5.0, settle=0.2)
-    spawned: dict[int, BaseProcess] = {}
+    # A list, not a dict by pid: pids are reused (pid_max may be 32768 and the
+    # machine busy), and two workers sharing a pid must not share a kill.
+    spawned: list[BaseProcess] = []
     original_spawn = rt._spawn
 
     def spawn(index: int) -> BaseProcess:
         p = reaper.proc(original_spawn(index))
-        spawned[p.pid or 0] = p
+        spawned.append(p)
         return p
 
     rt._spawn = spawn  # type: ignore[method-assign]
@@ -247,19 +249,29 @@ def test_killing_workers_loses_and_duplicates_nothing(
     rt.pipeline.close()
 
     # Count only kills that happened: the process ended by SIGKILL.
-    for p in [*spawned.values(), *killer.killed]:
+    for p in [*spawned, *killer.killed]:
         p.join(10)
     failpoint_kills = read_log(kill_log)
-    by_failpoint = {int(str(e["pid"])) for e in failpoint_kills}
     kills: Counter[str] = Counter()
+    counted: set[int] = set()  # id() of each process whose death is attributed
     for e in failpoint_kills:
-        p = spawned.get(int(str(e["pid"])))
-        if p is not None and p.exitcode == SIGKILLED:
+        pid = int(str(e["pid"]))
+        match = next(
+            (
+                p
+                for p in spawned
+                if p.pid == pid and p.exitcode == SIGKILLED and id(p) not in counted
+            ),
+            None,
+        )
+        if match is not None:
+            counted.add(id(match))
             kills[str(e["point"])] += 1
     for p in killer.killed:
-        if p.pid not in by_failpoint and p.exitcode == SIGKILLED:
+        if id(p) not in counted and p.exitcode == SIGKILLED:
+            counted.add(id(p))
             kills["external"] += 1
-    dead = sum(1 for p in spawned.values() if p.exitcode == SIGKILLED)
+    dead = sum(1 for p in spawned if p.exitcode == SIGKILLED)
 
     result = audit(tmp_path, inputs)
     total = sum(kills.values())
