@@ -1,0 +1,1 @@
+"""Sluiceway's benchmark suite: ``python -m bench [--quick]`` writes bench/RESULTS.md."""

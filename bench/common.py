@@ -1,0 +1,133 @@
+"""What several figures share: the pipeline under test and the raw per-file conversion."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .harness import ROOT
+
+if TYPE_CHECKING:
+    from sluiceway import Pipeline
+
+EXAMPLE = ROOT / "examples" / "bronze-to-staging" / "sluiceway.yaml"
+FUNCTION = "csv-to-parquet"
+COMPRESSION = "zstd"  # what the example pipeline writes; every contender does the same
+
+
+def make_pipeline(root: Path) -> Path:
+    """The example pipeline (bronze CSV → staging Parquet, zstd) in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "sluiceway.yaml"
+    shutil.copyfile(EXAMPLE, path)
+    return path
+
+
+def raw_convert(src: str, dst: str) -> int:
+    """The raw-library baseline for one file: read_csv + write_table, same types."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    types = {"customer_id": pa.int64(), "signup_date": pa.date32()}
+    table = pacsv.read_csv(src, convert_options=pacsv.ConvertOptions(column_types=types))
+    pq.write_table(table, dst, compression=COMPRESSION)
+    return table.num_rows
+
+
+def done_entries(pipeline: Pipeline, key_prefix: str) -> list[dict[str, Any]]:
+    """Ledger info of the finished entries whose input key starts with ``key_prefix``."""
+    rows = pipeline.db.conn.execute(
+        "SELECT json_extract(info, '$.started_at'), json_extract(info, '$.finished_at'),"
+        " json_extract(info, '$.input') FROM ledger WHERE status = 'done' AND key LIKE ?",
+        (f"{FUNCTION}|bronze/{key_prefix}%",),
+    ).fetchall()
+    return [{"started_at": r[0], "finished_at": r[1], "input": r[2]} for r in rows]
+
+
+def wait_done(
+    pipeline: Pipeline,
+    key_prefix: str,
+    count: int,
+    timeout: float,
+    check: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Poll the ledger until ``count`` inputs under ``key_prefix`` are done.
+
+    ``check`` is called on every poll and may raise (e.g. the service died).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        n = pipeline.db.conn.execute(
+            "SELECT COUNT(*) FROM ledger WHERE status = 'done' AND key LIKE ?",
+            (f"{FUNCTION}|bronze/{key_prefix}%",),
+        ).fetchone()[0]
+        if n >= count:
+            return done_entries(pipeline, key_prefix)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {n} of {count} files under {key_prefix!r} done")
+        time.sleep(0.01)
+
+
+class Service:
+    """``sluiceway run --workers N`` in the background, as a user would run it.
+
+    Warm: entering returns once every worker has committed a file, so the
+    figures measure the running service, not interpreter start-up.
+    """
+
+    def __init__(self, pipeline_path: Path, workers: int, warm_file: Path) -> None:
+        self.path = pipeline_path
+        self.workers = workers
+        self.warm_file = warm_file
+        self.log = pipeline_path.parent / "service.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Service:
+        from sluiceway import Pipeline
+
+        cmd = [sys.executable, "-c", "from sluiceway.cli import main; main()"]
+        cmd += ["run", "--pipeline", str(self.path), "--workers", str(self.workers)]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.path.parent, stdout=log, stderr=log)
+        pipeline = Pipeline.from_file(self.path)
+        try:
+            for i in range(50):  # until each worker has done one file
+                for j in range(self.workers):
+                    pipeline.put(self.warm_file, "bronze", f"warm/{i}-{j}.csv")
+                wait_done(pipeline, "warm/", (i + 1) * self.workers, 120, self.check)
+                owners = pipeline.db.conn.execute(
+                    "SELECT COUNT(DISTINCT owner) FROM ledger WHERE status = 'done'"
+                ).fetchone()[0]
+                if owners >= self.workers:
+                    break
+        except BaseException:
+            self.__exit__()
+            raise
+        finally:
+            pipeline.close()
+        return self
+
+    def check(self) -> None:
+        """Raise if the service has exited, with the end of its log."""
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"sluiceway run exited with {self.proc.returncode}:\n{tail}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
