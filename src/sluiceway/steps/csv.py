@@ -132,7 +132,7 @@ class CsvOptions:
     compression: str = "auto"
     header: bool = True
     column_types: dict[str, str] | None = None
-    block_size: int = 8 << 20
+    block_size: int = 4 << 20
     null_values: list[str] | None = None
     all_strings: bool = False
     line_column: str | None = None
@@ -217,8 +217,11 @@ def read_csv_batches(
         stack.callback(feeder.close)
         if not feeder.prime():
             raise InputError("empty file", file=name)
-        names = _column_names(feeder.take_first_block(), options)
-        context = _ErrorContext(name=name, options=options, names=names, feeder=feeder)
+        first = feeder.take_first_block()
+        # Names are needed up front only to type every column as text; otherwise
+        # the reader's schema has them, and small files are not parsed twice.
+        names = _column_names(first, options) if options.all_strings else None
+        context = _ErrorContext(name=name, options=options, names=names or [], feeder=feeder)
         skipped = _SkippedRows() if on_malformed is not None else None
         numbering = (
             _RowNumbering(feeder, options, skipped)
@@ -230,12 +233,17 @@ def read_csv_batches(
                 feeder,
                 read_options=_read_options(options),
                 parse_options=_parse_options(options, skipped),
-                convert_options=_convert_options(options, names),
+                convert_options=_convert_options(options, names or []),
             )
         except pa.ArrowException as exc:
+            if names is None:
+                context.names = _column_names(first, options)
             raise context.translate(exc) from exc
+        del first
         stack.callback(_close_reader, reader)
         context.schema = reader.schema
+        if names is None:
+            context.names = list(reader.schema.names)
         rows = 0
         batches = 0
         while True:
