@@ -86,6 +86,9 @@ class SqliteQueue(Queue):
                 (self.name, now, max_messages),
             ).fetchall()
             out: list[Message] = []
+            # One receipt per receive call: with the message id it still names
+            # exactly this delivery, and the batch is updated in one statement.
+            receipt = uuid.uuid4().hex
             for row in rows:
                 msg = _row_to_message(row)
                 if msg.receive_count >= self.spec.max_receive_count:
@@ -103,15 +106,18 @@ class SqliteQueue(Queue):
                         },
                     )
                     continue
-                receipt = uuid.uuid4().hex
-                conn.execute(
-                    "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1,"
-                    " receipt = ? WHERE seq = ?",
-                    (now + self.spec.visibility_timeout, receipt, row["seq"]),
-                )
                 msg.receive_count += 1
                 msg.receipt = receipt
                 out.append(msg)
+            if out:
+                seqs = [
+                    row["seq"] for row in rows if row["receive_count"] < self.spec.max_receive_count
+                ]
+                conn.execute(
+                    "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1,"
+                    f" receipt = ? WHERE seq IN ({','.join('?' * len(seqs))})",
+                    (now + self.spec.visibility_timeout, receipt, *seqs),
+                )
         return out
 
     def receive(self, max_messages: int = 1, *, wait: float = 0.0) -> list[Message]:
