@@ -111,3 +111,14 @@ def test_missing_file(tmp_path: Path) -> None:
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_retry_settings_grouped_or_flat() -> None:
+    text = BRONZE_TO_STAGING.replace(
+        "    max_receive_count: 3\n    backoff_base: 0.01s\n    backoff_max: 0.05s\n",
+        "    retry: {max_receive_count: 7, backoff_base: 2s, backoff_max: 1m}\n",
+    )
+    q = loads(text).queue_config("to-parquet")
+    assert (q.max_receive_count, q.backoff_base, q.backoff_max) == (7, 2.0, 60.0)
+    [p] = problems(text.replace("backoff_max: 1m", "backoff_max: 1s"))
+    assert "queues.to-parquet" in p and "backoff_max must not be smaller" in p

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError, PatternError
 from .patterns import compile_pattern
@@ -48,6 +55,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class RetryConfig(_Model):
+    max_receive_count: int | None = Field(None, ge=1)
+    backoff_base: Duration | None = None
+    backoff_max: Duration | None = None
+
+
 class QueueConfig(_Model):
     visibility_timeout: Duration = 60.0
     max_receive_count: int = Field(5, ge=1)
@@ -55,6 +68,19 @@ class QueueConfig(_Model):
     dead_letter_queue: Name | None = None
     backoff_base: Duration = 1.0
     backoff_max: Duration = 300.0
+    # The same three settings grouped: `retry: {max_receive_count, backoff_base, backoff_max}`.
+    retry: RetryConfig | None = None
+
+    @model_validator(mode="after")
+    def _apply_retry(self) -> QueueConfig:
+        if self.retry is not None:
+            for field in ("max_receive_count", "backoff_base", "backoff_max"):
+                value = getattr(self.retry, field)
+                if value is not None:
+                    setattr(self, field, value)
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must not be smaller than backoff_base")
+        return self
 
 
 class TopicConfig(_Model):
@@ -190,7 +216,7 @@ def _pydantic_problems(problems: Problems, err: ValidationError) -> None:
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # Union members add their class name to the location; drop those.
-        loc = tuple(p for p in loc if p not in ("QueueConfig", "StreamConfig"))
+        loc = tuple(p for p in loc if p not in ("QueueConfig", "StreamConfig", "RetryConfig"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling)"
