@@ -566,6 +566,194 @@ def compact(
         console.print("nothing to compact")
 
 
+# -- AWS serverless: package, terraform, rehearse ---------------------------------------
+
+deploy_app = typer.Typer(help="Deploy the pipeline to AWS serverless.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+def _mb(n: int) -> str:
+    """Bytes in MB as Lambda's limits count them (250 MB = 262,144,000 bytes)."""
+    return f"{n / (1 << 20):,.1f} MB"
+
+
+@app.command()
+def package(
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    out: Annotated[Path, typer.Option(help="Where the zip (or image/) goes.")] = Path("dist"),
+    image: Annotated[
+        bool, typer.Option("--image", help="Write a container image definition instead.")
+    ] = False,
+    architecture: Annotated[str, typer.Option(help="Lambda's architecture: x86_64 or arm64.")] = (
+        "x86_64"
+    ),
+    python: Annotated[str, typer.Option(help="The Lambda runtime's Python version.")] = "3.12",
+    deps: Annotated[
+        bool, typer.Option("--deps/--no-deps", help="Include Sluiceway's dependencies.")
+    ] = True,
+    requirement: Annotated[
+        list[str] | None,
+        typer.Option("--requirement", "-r", help="A package the pipeline's own code needs."),
+    ] = None,
+    slim: Annotated[bool, typer.Option(help="Leave out what a pipeline never loads.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="The report as JSON.")] = False,
+) -> None:
+    """Build the Lambda deployment zip and report its size against Lambda's limits."""
+    from .aws.package import build_zip, write_image
+
+    p = _load(pipeline)
+    if image:
+        report = write_image(
+            p.path or pipeline,
+            out,
+            config=p.config,
+            python_version=python,
+            architecture=architecture,
+            requirements=requirement or [],
+        )
+    else:
+        with console.status("installing dependencies for Lambda and zipping…"):
+            report = build_zip(
+                p.path or pipeline,
+                out,
+                config=p.config,
+                python_version=python,
+                architecture=architecture,
+                dependencies=deps,
+                requirements=requirement or [],
+                slim=slim,
+            )
+    if json_out:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        what = "image definition" if report.kind == "image" else "package"
+        console.print(
+            f"{what} [bold]{report.path}[/bold]: {report.files:,} files, Python "
+            f"{report.python_version}, {report.architecture}"
+        )
+        t = Table("Lambda limit", "limit", "this package", "", title="Size")
+        for lim in report.limits:
+            mark = "[green]ok[/green]" if lim.ok else ("[red]too big[/red]" if lim.hard else "")
+            t.add_row(lim.name, _mb(lim.limit), _mb(lim.size), mark)
+        console.print(t)
+        for lim in report.limits:
+            if not lim.ok:
+                console.print(f"{lim.name}: {lim.advice}")
+        if report.largest:
+            console.print(
+                "largest: " + ", ".join(f"{n} {_mb(b)}" for n, b in report.largest[:5]),
+                highlight=False,
+            )
+        for w in report.warnings:
+            console.print(f"[yellow]note:[/yellow] {w}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@deploy_app.command("terraform")
+def deploy_terraform(
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    out: Annotated[Path, typer.Option(help="The Terraform module's folder.")] = Path("infra"),
+    region: Annotated[str | None, typer.Option(help="Default AWS region.")] = None,
+    name_prefix: Annotated[
+        str | None, typer.Option(help="Default name prefix (else the sqs:// prefix or PIPELINE-).")
+    ] = None,
+    lambda_zip: Annotated[
+        str | None, typer.Option(help="The package, relative to --out (default ../dist/…).")
+    ] = None,
+) -> None:
+    """Write a Terraform module with every AWS resource the pipeline needs."""
+    from .aws.terraform import write_module
+
+    p = _load(pipeline)
+    zip_path = lambda_zip or os.path.relpath(
+        Path("dist/sluiceway-lambda.zip").resolve(), out.resolve()
+    )
+    plan, files = write_module(
+        p.config,
+        out,
+        pipeline_file=(p.path or pipeline).name,
+        name_prefix=name_prefix,
+        region=region,
+        lambda_zip=zip_path,
+    )
+    console.print(
+        f"wrote {', '.join(f.name for f in files)} to [bold]{out}[/bold]: "
+        f"{len(plan.buckets)} buckets, {len(plan.rules)} rules, {len(plan.topics)} topics, "
+        f"{len(plan.queues)} queues, {len(plan.functions)} functions, {len(plan.tables)} tables"
+    )
+    for w in plan.warnings:
+        console.print(f"[yellow]note:[/yellow] {w}", highlight=False)
+    console.print(f"next: terraform -chdir={out} init && terraform -chdir={out} apply")
+
+
+@deploy_app.command("rehearse")
+def deploy_rehearse(
+    endpoint: Annotated[
+        str, typer.Option(help="An AWS-compatible endpoint, e.g. http://127.0.0.1:5000 (moto).")
+    ],
+    put: Annotated[list[str], typer.Option("--put", help="FILE=BUCKET/KEY to put once deployed.")],
+    pipeline: PipelineOpt = DEFAULT_PIPELINE,
+    region: Annotated[str, typer.Option(help="The region to create things in.")] = "us-east-1",
+    prefix: Annotated[str | None, typer.Option(help="Name prefix (default: random).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for everything to settle.")] = (
+        120.0
+    ),
+    deliver_wait: Annotated[
+        float, typer.Option(help="Seconds before an undelivered event is delivered by hand.")
+    ] = 3.0,
+    keep: Annotated[bool, typer.Option(help="Keep the resources afterwards.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="The report as JSON.")] = False,
+) -> None:
+    """Create the AWS resources at ENDPOINT, drive files through them, and check the results."""
+    from urllib.parse import urlsplit
+
+    from .aws.rehearse import parse_puts, rehearse
+
+    try:
+        puts = parse_puts(put)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    host = urlsplit(endpoint).hostname or ""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        # An emulator on this machine takes any key; real AWS never sees these.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "rehearsal")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rehearsal")
+    with console.status("rehearsing…") as st:
+        report = rehearse(
+            pipeline,
+            endpoint,
+            puts,
+            region=region,
+            prefix=prefix,
+            deliver_wait=deliver_wait,
+            timeout=timeout,
+            keep=keep,
+            on_step=lambda s: st.update(f"rehearsing: {s}…"),
+        )
+    if json_out:
+        console.print_json(json.dumps(report.to_dict(), default=str))
+    else:
+        console.print(f"created {len(report.created)} things at {report.endpoint}")
+        for i in report.invocations:
+            console.print(
+                f"  invoked {i['function']} with {i['messages']} messages: "
+                f"{', '.join(i['statuses'])}",
+                highlight=False,
+            )
+        for f in report.fallbacks:
+            console.print(f"[yellow]fallback:[/yellow] {f}", highlight=False)
+        for c in report.checks:
+            mark = "[green]ok[/green]  " if c.ok else "[red]FAIL[/red]"
+            console.print(f"{mark} {c.name} {c.detail}", highlight=False)
+        for n in report.notes:
+            console.print(f"[dim]note: {n}[/dim]", highlight=False)
+        verdict = "[green]passed[/green]" if report.ok else "[red]failed[/red]"
+        console.print(f"rehearsal {verdict} in {report.seconds:.1f}s")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     logging.basicConfig(
         level=os.environ.get("SLUICEWAY_LOG", "WARNING"),

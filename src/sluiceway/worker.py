@@ -209,11 +209,16 @@ class Worker:
         worker_id: str | None = None,
         enforce_timeouts: bool = False,
         drain: Any = None,
+        announce_outputs: bool = True,
     ) -> None:
         from .streams.consumer import StreamConsumer
 
         self.pipeline = pipeline
         self.enforce_timeouts = enforce_timeouts
+        # Raise each output object's "Object Created" event after the commit.
+        # False where the store raises those events itself (S3 → EventBridge
+        # on AWS Lambda): routing them here too would deliver them twice.
+        self.announce_outputs = announce_outputs
         self._heartbeat = _Heartbeat()
         self.activity = Activity(pipeline.db)
         names = list(functions) if functions is not None else list(pipeline.config.functions)
@@ -350,7 +355,7 @@ class Worker:
         self._remove_replaced_outputs(function, event, key, ctx.outputs)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
-        for out in ctx.outputs:
+        for out in ctx.outputs if self.announce_outputs else ():
             if "bucket" in out and "key" in out:
                 bucket = self.pipeline.bucket(out["bucket"])
                 self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
