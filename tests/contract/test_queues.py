@@ -16,6 +16,8 @@ from sluiceway.queues.sqlite import SqliteBroker
 from sluiceway.state import StateDB
 
 from ..aws_backend import sqs_broker
+from ..nats_backend import nats_broker
+from ..rabbitmq_backend import rabbitmq_broker
 from ..redis_backend import redis_broker
 
 SPECS = {
@@ -36,6 +38,8 @@ def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Broker]] = {"sqlite": _sqlite}
 BACKENDS["redis"] = redis_broker
 BACKENDS["sqs"] = sqs_broker
+BACKENDS["rabbitmq"] = rabbitmq_broker
+BACKENDS["nats"] = nats_broker
 
 
 @pytest.fixture(params=sorted(BACKENDS))

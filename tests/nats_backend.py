@@ -1,0 +1,60 @@
+"""NATS JetStream for the tests: a broker under a fresh prefix per test, deleted afterwards.
+
+The queue contract suite gets :func:`nats_broker` through ``BACKENDS``; the
+NATS tests use :func:`make_broker` and :func:`url_with_prefix` directly.
+Every test gets its own prefix, hence its own stream (``sw_test_<random>…``),
+deleted with its consumers when the test ends.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from sluiceway.queues.base import Broker, QueueSpec
+
+from .services import NATS_URL, require_tcp
+
+
+def require_nats() -> None:
+    parts = urlsplit(NATS_URL)
+    require_tcp(
+        "NATS",
+        parts.hostname or "127.0.0.1",
+        parts.port or 4222,
+        "Start it with JetStream (nats-server -js) or set SLUICEWAY_TEST_NATS.",
+    )
+
+
+def fresh_prefix() -> str:
+    return f"sw.test.{uuid.uuid4().hex[:10]}"
+
+
+def url_with_prefix(prefix: str, base: str = NATS_URL) -> str:
+    sep = "&" if urlsplit(base).query else "?"
+    return f"{base}{sep}prefix={prefix}"
+
+
+def make_broker(
+    request: pytest.FixtureRequest,
+    specs: Mapping[str, QueueSpec],
+    subscriptions: Mapping[str, Sequence[str]] | None = None,
+    prefix: str | None = None,
+) -> Broker:
+    """A NatsBroker under a fresh prefix; its stream is deleted when the test ends."""
+    from sluiceway.queues.nats import NatsBroker
+
+    require_nats()
+    broker = NatsBroker.from_url(url_with_prefix(prefix or fresh_prefix()), specs, subscriptions)
+    request.addfinalizer(broker.destroy)
+    return broker
+
+
+def nats_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
+    """The contract suite's factory: its SPECS and SUBSCRIPTIONS on a fresh prefix."""
+    module = request.module
+    return make_broker(request, module.SPECS, module.SUBSCRIPTIONS)
