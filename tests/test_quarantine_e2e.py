@@ -223,3 +223,23 @@ def test_pipeline_validation_reports_schema_mistakes_with_lines(
     assert (
         "steps.1.validate.schema: schemas/customer.yaml:2: columns.customer_id.unique:" in problem
     )
+
+
+def test_read_csv_alone_quarantines_rows_with_the_wrong_number_of_fields(
+    write_pipeline: Callable[..., Path], tmp_path: Path
+) -> None:
+    from .conftest import BRONZE_TO_STAGING
+
+    path = write_pipeline(
+        BRONZE_TO_STAGING.replace("- read_csv\n", "- read_csv: {rejects: staging}\n")
+    )
+    (tmp_path / "in.csv").write_text("id,name\n1,a\n2,b,extra\n3,c\n4\n5,e\n")
+    Pipeline.from_file(path).put(tmp_path / "in.csv", "bronze", "in.csv")
+    summary = Runtime(path, workers=0, watch=False).drain(timeout=60)
+    assert (summary.done, summary.rows_in, summary.rows_out, summary.rows_rejected) == (1, 5, 3, 2)
+    assert pq.read_table(tmp_path / "staging" / "in.parquet")["id"].to_pylist() == [1, 3, 5]
+    rejects = (tmp_path / "staging" / "_rejected" / "in.csv.jsonl").read_text().splitlines()
+    assert [(json.loads(r)["line"], json.loads(r)["value"]) for r in rejects] == [
+        (3, "2,b,extra"),
+        (5, "4"),
+    ]

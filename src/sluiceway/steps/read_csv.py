@@ -12,14 +12,16 @@ count in ``rows_in`` like any other, so ``rows_in = rows_out + rows_rejected``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from ..errors import InputError
-from .base import Batches, StepContext, StepFn, StepOptions, StepType, register
+from .base import Batches, StepContext, StepFn, StepOptions, StepSpecError, StepType, register
 from .csv import CsvOptions, MalformedRow, read_csv_batches
+from .quarantine import RejectFile
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -33,6 +35,9 @@ class ReadCsvOptions(StepOptions):
     columns: dict[str, str] | None = None
     null_values: list[str] | None = None
     block_size: int = Field(4 << 20, ge=1 << 10)  # 4 MiB: under 512 MiB peak for any file size
+    # Quarantine rows with the wrong number of fields into BUCKET/_rejected/<key>.jsonl
+    # instead of failing the file (a following `validate` step does this itself).
+    rejects: str | None = None
 
 
 @register
@@ -40,6 +45,12 @@ class ReadCsv(StepType):
     name = "read_csv"
     Options = ReadCsvOptions
     source = True
+
+    def check(self, raw: Any, cfg: PipelineConfig) -> None:
+        opts = self.options(raw)
+        assert isinstance(opts, ReadCsvOptions)
+        if opts.rejects is not None and opts.rejects not in cfg.buckets:
+            raise StepSpecError(f"unknown bucket {opts.rejects!r}", (self.name, "rejects"))
 
     def build(self, raw: Any, cfg: PipelineConfig) -> StepFn:
         opts = self.options(raw)
@@ -66,23 +77,33 @@ class ReadCsv(StepType):
                     line_column=ctx.line_column,
                 )
             malformed = ctx.malformed_rows
-
-            def hand_over(rows: list[MalformedRow]) -> None:
-                assert malformed is not None
-                ctx.count("rows_in", len(rows))
-                malformed.extend(
-                    {"line": row.line, "text": row.text, "reason": row.reason} for row in rows
+            with contextlib.ExitStack() as stack:
+                own = (
+                    stack.enter_context(RejectFile(ctx, opts.rejects))
+                    if malformed is None and opts.rejects is not None
+                    else None
                 )
 
-            bucket = ctx.bucket(event.bucket)
-            with bucket.open_read(event.key) as f:
-                for batch in read_csv_batches(
-                    f,
-                    name=ctx.input_name,
-                    options=options,
-                    on_malformed=hand_over if malformed is not None else None,
-                ):
-                    ctx.count("rows_in", batch.num_rows)
-                    yield batch
+                def hand_over(rows: list[MalformedRow]) -> None:
+                    ctx.count("rows_in", len(rows))
+                    if own is not None:
+                        own.write(
+                            {"line": r.line, "column": None, "value": r.text, "reason": r.reason}
+                            for r in rows
+                        )
+                        return
+                    assert malformed is not None
+                    malformed.extend(
+                        {"line": row.line, "text": row.text, "reason": row.reason} for row in rows
+                    )
+
+                handler = hand_over if malformed is not None or own is not None else None
+                bucket = ctx.bucket(event.bucket)
+                with bucket.open_read(event.key) as f:
+                    for batch in read_csv_batches(
+                        f, name=ctx.input_name, options=options, on_malformed=handler
+                    ):
+                        ctx.count("rows_in", batch.num_rows)
+                        yield batch
 
         return read_csv
