@@ -274,4 +274,7 @@ def run(ctx: Context) -> Section:
             "",
             prof.table(),
         )
+    from .fig_brokers import extend
+
+    extend(ctx, section)
     return section

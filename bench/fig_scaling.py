@@ -9,16 +9,21 @@ bench/scaling.png.
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import data, fig_large, fig_small
-from .harness import Section, mb
+from .harness import ChildFailed, Section, Stats, fresh_dir, mb, run_child
 
 if TYPE_CHECKING:
     from .__main__ import Context
 
 WORKERS = (1, 2, 4)
+REDIS_WORKERS = (1, 4)
+REDIS_URL = "redis://127.0.0.1:6379/15"
 PLOT = Path(__file__).resolve().parent / "scaling.png"
 
 
@@ -63,6 +68,8 @@ def run(ctx: Context) -> Section:
         ],
     )
 
+    redis = redis_profile(ctx, section, files, throughput)
+
     fig1_size, fig1 = ctx.shared.get("large", (0, {}))
     sizes = (
         [10 * data.MB, 50 * data.MB] if ctx.quick else [10 * data.MB, 100 * data.MB, 1000 * data.MB]
@@ -100,7 +107,7 @@ def run(ctx: Context) -> Section:
         ["CSV size", "Sluiceway", "range", "raw", "× raw", "Sluiceway peak RSS", "raw peak RSS"],
         rows,
     )
-    plot(throughput, growth, raw_name)
+    plot(throughput, growth, raw_name, redis)
     section.add(f"![scaling]({PLOT.name})", "")
     return section
 
@@ -109,6 +116,7 @@ def plot(
     throughput: dict[int, fig_small.Throughput],
     growth: dict[int, dict[str, fig_large.Measured]],
     raw_name: str,
+    redis: dict[int, fig_small.Throughput] | None = None,
 ) -> None:
     import matplotlib
 
@@ -129,6 +137,15 @@ def plot(
             [s.hi - m for m, s in zip(med, stats, strict=True)],
         ]
         ax1.errorbar(ns, med, yerr=err, marker="o", capsize=4, label=label)
+    if redis:
+        rn = sorted(redis)
+        stats = [redis[n].sluiceway for n in rn]
+        med = [s.median for s in stats]
+        err = [
+            [m - s.lo for m, s in zip(med, stats, strict=True)],
+            [s.hi - m for m, s in zip(med, stats, strict=True)],
+        ]
+        ax1.errorbar(rn, med, yerr=err, marker="s", capsize=4, label="Sluiceway, Redis broker")
     ax1.set(
         xlabel="worker processes",
         ylabel="files/s",
@@ -168,3 +185,103 @@ def plot(
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
     plt.close(fig)
+
+
+# -- the Redis broker profile --------------------------------------------------------------
+
+
+def redis_throughput(
+    files: list[str], workers: int, runs: int, work: str, url: str
+) -> dict[str, list[float]]:
+    """figure 2's throughput with the queues on Redis (profile ``bench-redis``), ledger embedded."""
+    import redis
+
+    from sluiceway.queues.redis import delete_prefix
+
+    prefix = f"swbench{uuid.uuid4().hex[:8]}-"
+    folder = Path(work) / "pipeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "profiles.yaml").write_text(
+        f'bench-redis:\n  broker: "{url}?prefix={prefix}"\n', encoding="utf-8"
+    )
+    os.environ["SLUICEWAY_PROFILE"] = "bench-redis"  # the service and its workers inherit it
+    from sluiceway import Pipeline
+
+    from .common import make_pipeline
+
+    check = Pipeline.from_file(make_pipeline(folder))
+    if type(check.broker).__name__ != "RedisBroker":
+        raise RuntimeError(f"the profile did not take: broker is {check.broker!r}")
+    check.close()
+    try:
+        return fig_small.throughput(files, workers, runs, work)
+    finally:
+        delete_prefix(redis.Redis.from_url(url), prefix)
+
+
+def redis_profile(
+    ctx: Context,
+    section: Section,
+    files: list[Path],
+    embedded: dict[int, fig_small.Throughput],
+) -> dict[int, fig_small.Throughput]:
+    """Throughput with 1 and 4 workers on the Redis broker profile, against the embedded runs."""
+    from .fig_queue import redis_available
+
+    section.add(f"### On the Redis broker profile ({ctx.runs} runs)", "")
+    why = redis_available()
+    if why:
+        section.add(f"Not measured: {why}.", "")
+        return {}
+    got: dict[int, fig_small.Throughput] = {}
+    for n in REDIS_WORKERS:
+        work = fresh_dir("small-redis")
+        try:
+            raw: Any = run_child(
+                "bench.fig_scaling:redis_throughput",
+                files=[str(f) for f in files],
+                workers=n,
+                runs=ctx.runs,
+                work=str(work),
+                url=REDIS_URL,
+            ).result
+        except ChildFailed as e:
+            section.add(f"{n} worker(s) on Redis failed:\n\n```\n{str(e)[-1500:]}\n```", "")
+            continue
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        got[n] = fig_small.Throughput(
+            Stats.of(raw["sluiceway"]), Stats.of(raw["pool"]), Stats.of(raw["put"])
+        )
+    section.add(
+        "As above, with the pipeline's queues on Redis (a profile with `broker: redis://"
+        "127.0.0.1:6379/15`, the ledger and state embedded) on the same "
+        f"{len(files):,} files. Each Redis run has its own raw pool, measured in turn; "
+        '"× embedded" compares with the embedded row for the same N above (another run).',
+        "",
+    )
+    rows = []
+    for n, t in sorted(got.items()):
+        base = embedded.get(n)
+        rows.append(
+            [
+                str(n),
+                t.sluiceway.fmt(0),
+                t.sluiceway.range(0),
+                t.pool.fmt(0),
+                f"{t.sluiceway.median / t.pool.median:.2f}×",
+                f"{t.sluiceway.median / base.sluiceway.median:.2f}×" if base else "—",
+            ]
+        )
+    section.table(
+        [
+            "workers",
+            "Sluiceway (Redis) files/s",
+            "range",
+            "raw pool files/s",
+            "× raw pool",
+            "× embedded",
+        ],
+        rows,
+    )
+    return got
