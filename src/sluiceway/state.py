@@ -202,6 +202,9 @@ class StateDB:
             # Checkpoints fsync the database: fewer, larger ones (a WAL of up to
             # ~40 MB) keep commits cheap under a high message rate.
             conn.execute("PRAGMA wal_autocheckpoint=10000")
+            # 64 MiB of page cache (default 2 MiB): indexes keyed by random ids
+            # (dedup keys, message ids) stay in memory as they grow.
+            conn.execute("PRAGMA cache_size=-65536")
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             self._local.conn = conn
             self._local.depth = 0
