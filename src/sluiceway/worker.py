@@ -35,6 +35,7 @@ from .pipeline import Pipeline
 from .queues.base import Message, OutgoingMessage, Queue
 from .steps import STEPS, parse_step
 from .steps.base import StepContext, StepFn
+from .steps.chunks import Chunking, chunk_of, key_suffix
 from .steps.python import resolve_handler
 
 log = logging.getLogger("sluiceway.worker")
@@ -96,6 +97,8 @@ class FunctionRunner:
         for raw in self.config.steps:
             step_name, options = parse_step(raw)
             self.steps.append(STEPS[step_name].build(options, cfg))
+        # read_csv's chunk_size: big objects split over workers (steps/chunks.py).
+        self.chunking = Chunking.setup(name, self.config)
 
     def run(self, ctx: StepContext) -> None:
         if self.handler is not None:
@@ -278,10 +281,15 @@ class Worker:
             queue.dead_letter(msg, failure)
             return Outcome("dead", msg.id, function, failure)
 
-        key = f"{function}|{event.input_identity}"
+        key = f"{function}|{event.input_identity}{key_suffix(event)}"
         ttl = queue.spec.visibility_timeout
         claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
         if claim is Claim.DONE:
+            if chunk_of(event) is not None and runner.chunking is not None:
+                # A finisher may have crashed before committing the whole.
+                retry = self._commit_chunks(runner.chunking, function, queue, msg, key, event)
+                if retry is not None:
+                    return retry
             queue.ack([msg])
             return Outcome("duplicate", msg.id, function, {"key": key})
         if claim is Claim.BUSY:
@@ -317,7 +325,9 @@ class Worker:
                 ),
                 time_limit(timeout, self.enforce_timeouts, f"function {function!r}"),
             ):
-                runner.run(ctx)
+                plan = runner.chunking and runner.chunking.fan_out(self.pipeline, ctx)
+                if plan is None:
+                    runner.run(ctx)
         except ObjectNotFound as e:
             self.activity.finish(self.worker_id)
             info = {"reason": str(e), "skipped_at": time.time()}
@@ -350,18 +360,54 @@ class Worker:
             "bytes_in": (event.detail.get("object") or {}).get("size", 0),
             "detail_type": event.detail_type,
         }
+        chunk = chunk_of(event)
+        if plan is not None:
+            info["chunk_plan"] = plan  # done here means: split; the commit entry has the output
+        if chunk is not None:
+            info["chunk"] = {k: chunk[k] for k in ("index", "count", "start", "end")}
+            info["bytes_in"] = 0  # counted once, on the input's own entry
         faults.point("after_commit")
         self._notify(runner.config.on_success, f"{key}#summary", {"status": "done", **info})
-        self._remove_replaced_outputs(function, event, key, ctx.outputs)
+        if plan is None and chunk is None:  # a chunked input's entries share its identity
+            self._remove_replaced_outputs(function, event, key, ctx.outputs)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
-        for out in ctx.outputs if self.announce_outputs else ():
+        for out in ctx.outputs if self.announce_outputs and chunk is None else ():
             if "bucket" in out and "key" in out:
                 bucket = self.pipeline.bucket(out["bucket"])
                 self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+        if chunk is not None and runner.chunking is not None:
+            retry = self._commit_chunks(runner.chunking, function, queue, msg, key, event)
+            if retry is not None:
+                self.activity.finish(self.worker_id)
+                return retry
         queue.ack([msg])
         self.activity.finish(self.worker_id)
         return Outcome("done", msg.id, function, info)
+
+    def _commit_chunks(
+        self, chunking: Chunking, function: str, queue: Queue, msg: Message, key: str, event: Event
+    ) -> Outcome | None:
+        """Commit a chunked input if every chunk is done; an Outcome unless the ack may go."""
+        ledger = self.pipeline.ledger
+        ttl = queue.spec.visibility_timeout
+        commit_key = f"{function}|{event.input_identity}#commit"
+        try:
+            with self._heartbeat.watch(
+                queue, msg, lambda: ledger.extend(commit_key, owner=self.worker_id, ttl=ttl)
+            ):
+                status, outputs = chunking.commit(
+                    self.pipeline, event, owner=self.worker_id, ttl=ttl
+                )
+        except Exception as e:
+            return self._failed(function, queue, msg, key, e)
+        if status == "busy":  # another worker commits; come back to see it done
+            queue.change_visibility(msg, min(ttl, 5.0))
+            return Outcome("busy", msg.id, function, {"key": commit_key})
+        for out in outputs if self.announce_outputs else ():
+            bucket = self.pipeline.bucket(out["bucket"])
+            self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+        return None
 
     def _notify(
         self, dest: DestinationConfig | None, message_id: str, body: dict[str, Any]

@@ -107,6 +107,9 @@ class WriteParquet(StepType):
             assert batches is not None, "write_parquet needs a step before it"
             event = ctx.event
             out_key = render_key(opts.key, event.bucket or "", event.key or event.id)
+            chunk = event.detail.get("chunk")
+            if isinstance(chunk, dict):  # one range of a chunked input (steps/chunks.py)
+                out_key = f"{out_key}.parts/part-{chunk['index']:05d}.parquet"
             bucket = ctx.bucket(opts.bucket)
             rows = 0
             with bucket.open_write(out_key) as f:
@@ -122,8 +125,11 @@ class WriteParquet(StepType):
                 finally:
                     if writer is not None:
                         writer.close()
-                if writer is None:
+                if writer is None and not isinstance(chunk, dict):
                     raise InputError("no rows to write", file=ctx.input_name)
+            if writer is None:  # a chunk that owns no row: no part
+                bucket.delete(out_key)
+                return iter(())
             info = bucket.head(out_key)
             ctx.count("rows_written", rows)
             ctx.outputs.append(

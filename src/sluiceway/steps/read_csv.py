@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from ..errors import InputError
 from .base import Batches, StepContext, StepFn, StepOptions, StepSpecError, StepType, register
-from .csv import CsvOptions, MalformedRow, read_csv_batches
+from .chunks import RangeReader, chunk_of, header_line, parse_size
+from .csv import CsvOptions, MalformedRow, _is_utf8, read_csv_batches
 from .quarantine import RejectFile
 
 if TYPE_CHECKING:
@@ -38,6 +39,23 @@ class ReadCsvOptions(StepOptions):
     # Quarantine rows with the wrong number of fields into BUCKET/_rejected/<key>.jsonl
     # instead of failing the file (a following `validate` step does this itself).
     rejects: str | None = None
+    # Split objects larger than this (bytes, or 64MiB, 1GiB) into byte ranges
+    # read by several workers and committed as one output (steps/chunks.py).
+    chunk_size: Annotated[int, BeforeValidator(parse_size), Field(ge=1 << 10)] | None = None
+    # Whether a quoted value may contain a newline; chunking needs `false`.
+    quoted_newlines: bool = True
+
+
+def csv_options_of(opts: ReadCsvOptions) -> CsvOptions:
+    return CsvOptions(
+        delimiter=opts.delimiter,
+        encoding=opts.encoding,
+        compression=opts.compression,
+        header=opts.header,
+        column_types=opts.columns,
+        block_size=opts.block_size,
+        null_values=opts.null_values,
+    )
 
 
 @register
@@ -51,19 +69,30 @@ class ReadCsv(StepType):
         assert isinstance(opts, ReadCsvOptions)
         if opts.rejects is not None and opts.rejects not in cfg.buckets:
             raise StepSpecError(f"unknown bucket {opts.rejects!r}", (self.name, "rejects"))
+        if opts.chunk_size is not None:
+            row_boundary = "rows are found by newlines, so no quoted value may contain one"
+            refuse = (
+                (
+                    "quoted_newlines",
+                    opts.quoted_newlines,
+                    f"needs quoted_newlines: false ({row_boundary})",
+                ),
+                (
+                    "compression",
+                    opts.compression not in ("auto", "none"),
+                    "needs an uncompressed object",
+                ),
+                ("header", not opts.header, "needs header: true"),
+                ("encoding", not _is_utf8(opts.encoding), "needs a UTF-8 encoding"),
+            )
+            for field, wrong, why in refuse:
+                if wrong:
+                    raise StepSpecError(f"chunk_size {why}", (self.name, field))
 
     def build(self, raw: Any, cfg: PipelineConfig) -> StepFn:
         opts = self.options(raw)
         assert isinstance(opts, ReadCsvOptions)
-        csv_options = CsvOptions(
-            delimiter=opts.delimiter,
-            encoding=opts.encoding,
-            compression=opts.compression,
-            header=opts.header,
-            column_types=opts.columns,
-            block_size=opts.block_size,
-            null_values=opts.null_values,
-        )
+        csv_options = csv_options_of(opts)
 
         def read_csv(ctx: StepContext, _: Batches | None) -> Batches:
             event = ctx.event
@@ -100,8 +129,18 @@ class ReadCsv(StepType):
                 handler = hand_over if malformed is not None or own is not None else None
                 bucket = ctx.bucket(event.bucket)
                 with bucket.open_read(event.key) as f:
+                    source: Any = f
+                    if (chunk := chunk_of(event)) is not None:
+                        # Rows starting in [start, end) (steps/chunks.py), types pinned.
+                        header = header_line(f) if chunk["start"] > 0 else b""
+                        source = RangeReader(f, chunk["start"], chunk["end"], header)
+                        if not source.has_rows:
+                            return
+                        options = dataclasses.replace(
+                            options, compression="none", column_types=chunk["columns"]
+                        )
                     for batch in read_csv_batches(
-                        f, name=ctx.input_name, options=options, on_malformed=handler
+                        source, name=ctx.input_name, options=options, on_malformed=handler
                     ):
                         ctx.count("rows_in", batch.num_rows)
                         yield batch
