@@ -62,8 +62,9 @@ def _close(p: Pipeline) -> None:
     p.close()
 
 
-def test_bronze_to_staging_on_sqs_and_dynamodb_with_two_workers(
-    aws_pipeline: Callable[..., Path], tmp_path: Path
+@pytest.mark.parametrize("workers", [2, 4])
+def test_bronze_to_staging_on_sqs_and_dynamodb(
+    aws_pipeline: Callable[..., Path], tmp_path: Path, workers: int
 ) -> None:
     path = aws_pipeline()
     p = Pipeline.from_file(path, profile="aws")
@@ -79,7 +80,7 @@ def test_bronze_to_staging_on_sqs_and_dynamodb_with_two_workers(
             (tmp_path / "bronze").mkdir(exist_ok=True)
             (tmp_path / "bronze" / f"f{i}.csv").write_bytes(src.read_bytes())
 
-    summary = Runtime(path, workers=2, watch=False, profile="aws").drain(timeout=90)
+    summary = Runtime(path, workers=workers, watch=False, profile="aws").drain(timeout=90)
 
     assert summary.done == 6, summary
     assert Counter(summary.inputs) == Counter(f"bronze/f{i}.csv" for i in range(6))
