@@ -8,35 +8,27 @@ deleted with its consumers when the test ends.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from sluiceway.queues.base import Broker, QueueSpec
 
-from .services import NATS_URL, require_tcp
+from .services import NATS_URL, fresh_prefix, require_url, with_prefix
 
 
 def require_nats() -> None:
-    parts = urlsplit(NATS_URL)
-    require_tcp(
+    require_url(
         "NATS",
-        parts.hostname or "127.0.0.1",
-        parts.port or 4222,
+        NATS_URL,
+        4222,
         "Start it with JetStream (nats-server -js) or set SLUICEWAY_TEST_NATS.",
     )
 
 
-def fresh_prefix() -> str:
-    return f"sw.test.{uuid.uuid4().hex[:10]}"
-
-
 def url_with_prefix(prefix: str, base: str = NATS_URL) -> str:
-    sep = "&" if urlsplit(base).query else "?"
-    return f"{base}{sep}prefix={prefix}"
+    return with_prefix(base, prefix)
 
 
 def make_broker(

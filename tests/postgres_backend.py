@@ -14,25 +14,23 @@ import random
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from sluiceway.ledger import Ledger
 from sluiceway.tables.base import Table
 
-from .services import POSTGRES_URL, require_tcp
+from .services import POSTGRES_URL, require_url
 
 _SCHEMA = pytest.StashKey[str]()
 
 
 def require_postgres() -> None:
     """Skip (fail in CI) unless the test PostgreSQL listens."""
-    parts = urlsplit(POSTGRES_URL)
-    require_tcp(
+    require_url(
         "PostgreSQL",
-        parts.hostname or "127.0.0.1",
-        parts.port or 5432,
+        POSTGRES_URL,
+        5432,
         "Set SLUICEWAY_TEST_POSTGRES to a database URL (trust or password in the URL).",
     )
 

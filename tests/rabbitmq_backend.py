@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,28 +22,22 @@ from sluiceway import Runtime
 from sluiceway.queues.base import Broker, QueueSpec
 
 from .helpers import wait_until
-from .services import RABBITMQ_URL, require_tcp
+from .services import RABBITMQ_URL, fresh_prefix, require_url, with_prefix
 
 PASSWORD_VARIABLE = "SLUICEWAY_TEST_AMQP_PASSWORD"
 
 
 def require_rabbitmq() -> None:
-    parts = urlsplit(RABBITMQ_URL)
-    require_tcp(
+    require_url(
         "RabbitMQ",
-        parts.hostname or "127.0.0.1",
-        parts.port or 5672,
+        RABBITMQ_URL,
+        5672,
         "Start it (apt install rabbitmq-server) or set SLUICEWAY_TEST_RABBITMQ.",
     )
 
 
-def fresh_prefix() -> str:
-    return f"sw.test.{uuid.uuid4().hex[:10]}"
-
-
 def url_with_prefix(prefix: str, base: str = RABBITMQ_URL) -> str:
-    sep = "&" if urlsplit(base).query else "?"
-    return f"{base}{sep}prefix={prefix}"
+    return with_prefix(base, prefix)
 
 
 def make_broker(

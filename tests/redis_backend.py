@@ -16,23 +16,21 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from sluiceway.ledger import Ledger
 from sluiceway.queues.base import Broker
 
-from .services import REDIS_URL, require_tcp
+from .services import REDIS_URL, require_url
 
 
 def require_redis() -> None:
     """Skip (fail in CI) unless the test Redis listens and its client is installed."""
-    parts = urlsplit(REDIS_URL)
-    require_tcp(
+    require_url(
         "Redis",
-        parts.hostname or "127.0.0.1",
-        parts.port or 6379,
+        REDIS_URL,
+        6379,
         "Start redis-server, or set SLUICEWAY_TEST_REDIS to a redis:// URL.",
     )
     pytest.importorskip("redis", reason="the redis client (pip install 'sluiceway[redis]')")

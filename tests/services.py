@@ -17,9 +17,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -50,6 +52,23 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
 def require_tcp(name: str, host: str, port: int, how_to_start: str = "") -> None:
     if not port_open(host, port):
         unavailable(f"{name} is not listening on {host}:{port}. {how_to_start}".strip())
+
+
+def require_url(name: str, url: str, default_port: int, how_to_start: str = "") -> None:
+    """``require_tcp`` for a service named by its URL."""
+    parts = urlsplit(url)
+    require_tcp(name, parts.hostname or "127.0.0.1", parts.port or default_port, how_to_start)
+
+
+def fresh_prefix() -> str:
+    """A name prefix no other test uses, so tests share a server without meeting."""
+    return f"sw.test.{uuid.uuid4().hex[:10]}"
+
+
+def with_prefix(url: str, prefix: str) -> str:
+    """``url`` with ``prefix=…`` added to its query."""
+    sep = "&" if urlsplit(url).query else "?"
+    return f"{url}{sep}prefix={prefix}"
 
 
 def free_port() -> int:
