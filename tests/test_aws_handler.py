@@ -473,7 +473,9 @@ def test_pinned_function_and_source_queue(
     pipeline.close()
 
 
-def test_stream_functions_are_refused_at_start(write_pipeline: Callable[..., Path]) -> None:
+def test_stream_functions_need_the_state_next_to_a_dynamodb_ledger(
+    write_pipeline: Callable[..., Path],
+) -> None:
     path = write_pipeline(
         """
         pipeline: s
@@ -487,7 +489,7 @@ def test_stream_functions_are_refused_at_start(write_pipeline: Callable[..., Pat
         """
     )
     pipeline = Pipeline.from_file(path)
-    with pytest.raises(sluiceway.ConfigError, match="stream functions do not run on Lambda"):
+    with pytest.raises(sluiceway.ConfigError, match="SLUICEWAY_LEDGER=dynamodb://"):
         LambdaApp(pipeline, function="to-lake")
     pipeline.close()
 

@@ -117,6 +117,7 @@ from ..queues.sqs import A_ATTRS, A_DEAD_AT, A_FAILURE, A_ID, A_RECEIVES, A_SENT
 from ..router import Router
 from ..tables.base import Table
 from ..worker import Worker
+from .streams import FlushOutcome, KinesisRecord, LambdaStreamFunction, StreamState, parse_record
 
 log = logging.getLogger("sluiceway.aws")
 
@@ -768,22 +769,14 @@ class LambdaApp:
         sqs_client: Any = None,
         sns_client: Any = None,
         worker_id: str | None = None,
+        stream_state: StreamState | None = None,
     ) -> None:
         cfg = pipeline.config
         self.pipeline = pipeline
         self.config = cfg
-        if function is not None:
-            if function not in cfg.functions:
-                known = ", ".join(cfg.functions) or "none"
-                raise ConfigError([f"{ENV_FUNCTION}={function!r}: no such function ({known})"])
-            if cfg.functions[function].stream is not None:
-                raise ConfigError(
-                    [
-                        f"function {function!r} consumes a stream; stream functions do not run "
-                        "on Lambda yet (their exactly-once flushes need the local state "
-                        "database). Deploy queue functions, or run it with `sluiceway run`."
-                    ]
-                )
+        if function is not None and function not in cfg.functions:
+            known = ", ".join(cfg.functions) or "none"
+            raise ConfigError([f"{ENV_FUNCTION}={function!r}: no such function ({known})"])
         self.function = function
         self.queue_prefix = queue_prefix if queue_prefix is not None else self._broker_prefix()
         self._sqs = sqs_client
@@ -793,6 +786,21 @@ class LambdaApp:
             fn.queue: name for name, fn in cfg.functions.items() if fn.queue is not None
         }
         runnable = [function] if function else list(self.queue_functions.values())
+        # Stream functions answer Kinesis batches of their stream (aws/streams.py).
+        self.stream_functions = [
+            n for n in ([function] if function else cfg.functions) if cfg.functions[n].stream
+        ]
+        runnable = [n for n in runnable if n not in self.stream_functions]
+        ledger_scheme = backends.scheme_of(cfg.backends.ledger or "") if cfg.backends.ledger else ""
+        if self.stream_functions and stream_state is None and ledger_scheme != "dynamodb":
+            raise ConfigError(
+                [
+                    f"stream function {self.stream_functions[0]!r} keeps its checkpoints and "
+                    f"dedup keys next to the ledger on Lambda: set {ENV_LEDGER}=dynamodb://…"
+                ]
+            )
+        self._stream_runners: dict[str, LambdaStreamFunction] = {}
+        self._stream_state = stream_state
         own_queue = cfg.functions[function].queue if function else None
         self.dead_letters = DeadLetters(
             dlq_url, source=own_queue or cfg.pipeline, client=sqs_client
@@ -871,6 +879,9 @@ class LambdaApp:
 
     def handle(self, payload: Any, context: Any = None) -> InvocationResult:
         """Process one invocation; never raises for bad input (see the module docstring)."""
+        functions = self._stream_targets(payload)
+        if functions:
+            return self._handle_stream(payload["Records"], functions, context)
         source, items = self.items(payload)
         batch = source in ("sqs", "kinesis", "dynamodb")
         result = InvocationResult(source=source, batch=batch)
@@ -898,6 +909,76 @@ class LambdaApp:
         if not batch and any(r.failed for r in result.results):
             failed = [r.to_dict() for r in result.results if r.failed]
             raise InvocationFailed(f"{len(failed)} events failed: {json.dumps(failed)[:2000]}")
+        return result
+
+    # -- stream functions ---------------------------------------------------------------
+
+    def _stream_targets(self, payload: Any) -> list[str]:
+        """The stream functions a Kinesis batch is for: the pinned one, or its stream's."""
+        if not self.stream_functions or not isinstance(payload, Mapping):
+            return []
+        records = payload.get("Records")
+        if not isinstance(records, list) or not records:
+            return []
+        if not all(
+            isinstance(r, Mapping) and r.get("eventSource") == "aws:kinesis" for r in records
+        ):
+            return []
+        if self.function is not None:  # its own event source mapping: its stream
+            return [self.function]
+        name = _arn_name(records[0].get("eventSourceARN"))
+        if self.queue_prefix and name.startswith(self.queue_prefix):
+            name = name[len(self.queue_prefix) :]
+        return [n for n in self.stream_functions if self.config.functions[n].stream == name]
+
+    def stream_runner(self, function: str) -> LambdaStreamFunction:
+        if function not in self._stream_runners:
+            if self._stream_state is None:
+                url = self.config.backends.ledger
+                assert url is not None
+                self._stream_state = StreamState.from_url(url, self.config.pipeline)
+            self._stream_runners[function] = LambdaStreamFunction(
+                self.pipeline,
+                function,
+                self._stream_state,
+                self.dead_letters,
+                worker_id=self.worker.worker_id,
+            )
+        return self._stream_runners[function]
+
+    def _handle_stream(
+        self, raw: list[Mapping[str, Any]], functions: list[str], context: Any
+    ) -> InvocationResult:
+        """One Kinesis batch, one flush per function (see aws/streams.py)."""
+        result = InvocationResult(source="kinesis", batch=True)
+        records: list[KinesisRecord] = []
+        for r in raw:
+            try:
+                records.append(parse_record(r))
+            except (KeyError, TypeError, ValueError) as e:
+                item = self._unknown(r, f"a Kinesis record without a sequence number: {e}")
+                result.results.append(self._unrecognized(item, item.parsed[0].reason))
+        failed: list[str] = []
+        for function in functions:
+            try:
+                outcomes = self.stream_runner(function).handle(records, context)
+            except Exception as e:  # the state table unreachable, …: the whole batch again
+                log.exception("stream function %s could not start", function)
+                first = min((r.number for r in records), default=None)
+                outcomes = [
+                    FlushOutcome("error", "", str(first or ""), "", {"error": f"{e}"[:2000]})
+                ]
+            for o in outcomes:
+                detail = {"shard": o.shard, "from_seq": o.from_seq, "to_seq": o.to_seq}
+                detail.update(_summary(o.detail))
+                item = ItemResult(o.from_seq, "kinesis", o.status, function, detail)
+                result.results.append(item)
+                if item.failed and o.from_seq:
+                    failed.append(o.from_seq)
+        if failed:  # Lambda checkpoints before the lowest one and retries from it
+            result.failures.append(min(failed, key=int))
+        for r in result.results:
+            log.info(json.dumps({"sluiceway": r.to_dict()}, default=str))
         return result
 
     @staticmethod
