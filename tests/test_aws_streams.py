@@ -244,7 +244,8 @@ def test_duplicates_across_shards_and_the_window(lake: dict[str, Any]) -> None:
     late = batch(record(3, event("x"), shard=0, at=T0 + day + 1))
     assert app.handle(late).results[0].detail["stats"]["duplicates"] == 0
     assert dataset(lake) == Counter({"x": 2, "y": 1})
-    got = lake["ddb"].get_item(TableName=state.table, Key={"id": {"S": state.key_id(ddb_scope, "x")}})
+    key = {"id": {"S": state.key_id(ddb_scope, "x")}}
+    got = lake["ddb"].get_item(TableName=state.table, Key=key)
     # TTL: the arrival + window + the stream's retention (the example keeps 7 days).
     assert int(got["Item"]["expires"]["N"]) == int(T0 + day + 1 + day + 7 * day) + 1
 

@@ -416,10 +416,15 @@ def test_rich_roles(rich: tuple[Any, dict[str, Any]]) -> None:
 
 
 def test_rich_functions_queues_and_tables(rich: tuple[Any, dict[str, Any]]) -> None:
-    plan, doc = rich
+    _, doc = rich
     res = doc["resource"]
-    assert set(res["aws_lambda_function"]) == {"csv_to_parquet", "csv_to_table", "audit"}
-    assert any("clicks-to-lake" in w and "stream" in w for w in plan.warnings)
+    assert set(res["aws_lambda_function"]) == {
+        "csv_to_parquet",
+        "csv_to_table",
+        "audit",
+        "clicks_to_lake",  # a stream function, from the clicks stream
+    }
+    assert set(res["aws_kinesis_stream"]) == {"clicks"}
     assert res["aws_lambda_function"]["audit"]["timeout"] == 900  # Lambda's maximum
     assert res["aws_lambda_event_source_mapping"]["csv_to_parquet"]["batch_size"] == 5
     queues = res["aws_sqs_queue"]
@@ -467,3 +472,104 @@ def test_deploy_terraform_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     doc = parse(tmp_path / "infra")
     assert doc["variable"]["lambda_zip"]["default"] == "../dist/sluiceway-lambda.zip"
     assert doc["variable"]["region"]["default"] == "eu-west-1"
+
+
+# -- a stream function: Kinesis → Lambda → S3 (examples/events-to-lake, unchanged) ---------
+
+
+@pytest.fixture
+def lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("SLUICEWAY_PROFILE", raising=False)
+    pipeline = Pipeline.from_file(ROOT / "examples/events-to-lake/sluiceway.yaml")
+    plan, _ = write_module(pipeline.config, tmp_path / "infra", region="eu-central-1")
+    yield plan, parse(tmp_path / "infra")
+    pipeline.close()
+
+
+def test_stream_function_gets_a_kinesis_stream_and_its_mapping(
+    lake: tuple[Any, dict[str, Any]],
+) -> None:
+    plan, doc = lake
+    res = doc["resource"]
+    assert not plan.warnings
+    assert set(res["aws_lambda_function"]) == {"to_lake"}
+    [stream] = res["aws_kinesis_stream"].values()
+    assert stream["name"] == "${var.name_prefix}events"
+    assert stream["retention_period"] == 168  # the file's 7d, in hours
+    assert stream["encryption_type"] == "KMS"
+    assert "alias/aws/kinesis" in stream["kms_key_id"]
+    assert stream["stream_mode_details"][0]["stream_mode"] == "${var.kinesis_stream_mode}"
+    assert "var.kinesis_shard_count" in stream["shard_count"]
+    assert doc["variable"]["kinesis_stream_mode"]["default"] == "ON_DEMAND"
+
+    esm = res["aws_lambda_event_source_mapping"]["to_lake"]
+    assert esm["event_source_arn"] == "${aws_kinesis_stream.events.arn}"
+    assert esm["function_name"] == "${aws_lambda_function.to_lake.arn}"
+    assert esm["starting_position"] == "TRIM_HORIZON"
+    # One batch is one flush: the sink's flush_records: 10000 and flush_seconds: 60s.
+    assert (esm["batch_size"], esm["maximum_batching_window_in_seconds"]) == (10000, 60)
+    assert esm["function_response_types"] == ["ReportBatchItemFailures"]
+    assert esm["bisect_batch_on_function_error"] is True
+    assert esm["parallelization_factor"] == 1
+    assert esm["maximum_retry_attempts"] == "${var.stream_maximum_retry_attempts}"
+    failed = esm["destination_config"][0]["on_failure"][0]["destination_arn"]
+    assert failed == "${aws_sqs_queue.to_lake_failed.arn}"
+    queue = res["aws_sqs_queue"]["to_lake_failed"]
+    assert queue["sqs_managed_sse_enabled"] and "redrive_policy" not in queue
+    assert "to_lake_failed" not in res.get("aws_sqs_queue_redrive_allow_policy", {})
+
+    env = res["aws_lambda_function"]["to_lake"]["environment"][0]["variables"]
+    assert env["SLUICEWAY_FUNCTION"] == "to-lake"
+    assert env["SLUICEWAY_LEDGER"] == "${local.dynamodb_url}"
+    assert env["SLUICEWAY_DLQ_URL"] == "${aws_sqs_queue.to_lake_failed.url}"
+    assert doc["output"]["stream_names"]["value"] == {"events": "${aws_kinesis_stream.events.name}"}
+
+    # The dedup and checkpoint table: the layout aws/streams.py creates.
+    table = res["aws_dynamodb_table"]["stream_state"]
+    assert table["name"] == "${var.table_prefix}events-to-lake-stream-state"
+    assert table["billing_mode"] == "PAY_PER_REQUEST" and table["hash_key"] == "id"
+    assert table["ttl"][0] == {"attribute_name": "expires", "enabled": True}
+    assert table["point_in_time_recovery"][0]["enabled"] is True
+
+
+def test_stream_function_role_is_least_privilege(lake: tuple[Any, dict[str, Any]]) -> None:
+    _, doc = lake
+    role = statements(doc, "to_lake_role")
+    assert set(role) == {
+        "Logs",
+        "ReadStream",
+        "Failures",
+        "WriteLake",
+        "ListLake",
+        "StreamState",
+        "LedgerEntries",
+        "LedgerObjects",
+        "LedgerSent",
+        "DynamoProbe",
+    }
+    read = role["ReadStream"]
+    assert read["resources"] == ["${aws_kinesis_stream.events.arn}"]
+    assert set(read["actions"]) == {
+        "kinesis:DescribeStream",
+        "kinesis:DescribeStreamSummary",
+        "kinesis:GetRecords",
+        "kinesis:GetShardIterator",
+        "kinesis:ListShards",
+    }
+    assert role["Failures"] == {
+        "sid": "Failures",
+        "effect": "Allow",
+        "actions": ["sqs:SendMessage"],
+        "resources": ["${aws_sqs_queue.to_lake_failed.arn}"],
+    }
+    # Only under the dataset's prefix of the lake bucket.
+    assert role["WriteLake"]["resources"] == ["${aws_s3_bucket.lake.arn}/events/*"]
+    assert "s3:PutObject" in role["WriteLake"]["actions"]
+    assert role["ListLake"]["condition"][0]["values"] == ["events/*"]
+    state = role["StreamState"]
+    assert state["resources"] == ["${aws_dynamodb_table.stream_state.arn}"]
+    assert "dynamodb:PutItem" in state["actions"] and "dynamodb:Scan" not in state["actions"]
+    every = {a for s in role.values() for a in s["actions"]}
+    assert not {a for a in every if a.startswith("sqs:Receive") or a == "kinesis:PutRecords"}
+    # Nothing but the probe on "*".
+    assert [s for s, body in role.items() if "*" in body["resources"]] == ["DynamoProbe"]

@@ -39,8 +39,18 @@ What the plan holds, and why:
   tables they make, so the two cannot drift): on-demand, point-in-time
   recovery, TTL where the layout has a TTL attribute.
 
-Stream functions (``stream:``) are not deployed: they do not run on Lambda
-yet; the plan says so in its warnings.
+- **Stream functions** (``stream:``, the Kinesis → Lambda → S3 design; see
+  :mod:`sluiceway.aws.streams`): a **Kinesis stream** per pipeline stream
+  (on-demand or provisioned shards, KMS encryption, retention from the
+  file), and per function a Lambda with an event source mapping from it
+  (``TRIM_HORIZON``; batch size and batching window from the sink's
+  ``flush_records``/``flush_seconds``, since one batch is one flush;
+  ``ReportBatchItemFailures``, bisect on error, bounded retries, one batch
+  per shard at a time, an SQS **on-failure destination**), the DynamoDB
+  **stream-state table** (dedup keys and shard checkpoints; on-demand, TTL,
+  point-in-time recovery) and a role that may read only that stream, write
+  only under the dataset's prefix, use only that table and send only to its
+  failure queue.
 """
 
 from __future__ import annotations
@@ -73,6 +83,16 @@ SQS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 # What a function's role may do with each kind of resource.
 S3_READ = ["s3:GetObject"]
 S3_WRITE = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
+# What a Kinesis event source mapping reads with the function's role (no
+# ListStreams: it names one stream; no SubscribeToShard: no enhanced fan-out).
+KINESIS_READ = [
+    "kinesis:DescribeStream",
+    "kinesis:DescribeStreamSummary",
+    "kinesis:GetRecords",
+    "kinesis:GetShardIterator",
+    "kinesis:ListShards",
+]
+KINESIS_MIN_HOURS, KINESIS_MAX_HOURS = 24, 8760
 SQS_CONSUME = [
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
@@ -150,6 +170,7 @@ class QueuePlan:
     rules: list[str] = field(default_factory=list)  # rules that target it directly
     topics: list[str] = field(default_factory=list)  # topics it is subscribed to
     consumer: str | None = None  # the function it feeds
+    failures_of: str | None = None  # the stream function whose failed batches it gets
 
 
 @dataclass
@@ -204,6 +225,30 @@ class FunctionPlan:
 
 
 @dataclass
+class StreamPlan:
+    """A pipeline stream as a Kinesis stream."""
+
+    name: str
+    label: str
+    retention_hours: int
+    consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StreamFunctionPlan:
+    """A stream function: its Lambda reads a Kinesis stream through an event source mapping."""
+
+    name: str
+    label: str
+    stream: str
+    timeout: int
+    batch_size: int  # the sink's flush_records (Kinesis: at most 10,000)
+    batching_window: int  # the sink's flush_seconds (at most 300)
+    failures: str  # its on-failure queue (also for records that are no events)
+    writes: list[tuple[str, str]]  # (pipeline bucket, dataset prefix) it writes under
+
+
+@dataclass
 class Plan:
     """What a pipeline needs on AWS, before any of it is written as HCL or created."""
 
@@ -220,6 +265,8 @@ class Plan:
     functions: dict[str, FunctionPlan]
     tables: list[TablePlan]
     warnings: list[str] = field(default_factory=list)
+    streams: dict[str, StreamPlan] = field(default_factory=dict)
+    stream_functions: dict[str, StreamFunctionPlan] = field(default_factory=dict)
 
     def s3_of(self, bucket: str) -> S3BucketPlan:
         """The S3 bucket a pipeline bucket lives in."""
@@ -269,6 +316,30 @@ class Plan:
                         f"List{_sid(bucket)}", ("s3:ListBucket",), (Ref("bucket", s3.label),), cond
                     )
                 )
+        out += self.ledger_statements(publishes=bool(fn.publishes))
+        for table in fn.tables:
+            t = self.table_for("table", table)
+            out.append(
+                Statement(
+                    f"Table{_sid(table)}",
+                    ("dynamodb:DescribeTable", "dynamodb:BatchWriteItem"),
+                    (Ref("table", t.label),),
+                )
+            )
+        for kind, name in fn.publishes:
+            if kind == "queue":
+                out.append(
+                    Statement(f"SendTo{_sid(name)}", ("sqs:SendMessage",), (Ref("queue", name),))
+                )
+            else:
+                out.append(
+                    Statement(f"PublishTo{_sid(name)}", ("sns:Publish",), (Ref("topic", name),))
+                )
+        return out
+
+    def ledger_statements(self, *, publishes: bool) -> list[Statement]:
+        """The ledger's tables, as the DynamoDB ledger uses them (and its start-up probe)."""
+        out: list[Statement] = []
         entries = self.table_for("ledger-entries")
         out.append(
             Statement(
@@ -289,31 +360,54 @@ class Plan:
         )
         sent = self.table_for("ledger-sent")
         sent_actions = ["dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive"]
-        if fn.publishes:
+        if publishes:
             sent_actions += ["dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"]
         out.append(Statement("LedgerSent", tuple(sent_actions), (Ref("table", sent.label),)))
         # The DynamoDB backends check the endpoint with ListTables when they
         # start; it cannot be limited to tables (AWS has no resource for it).
         out.append(Statement("DynamoProbe", ("dynamodb:ListTables",), ("*",)))
-        for table in fn.tables:
-            t = self.table_for("table", table)
-            out.append(
-                Statement(
-                    f"Table{_sid(table)}",
-                    ("dynamodb:DescribeTable", "dynamodb:BatchWriteItem"),
-                    (Ref("table", t.label),),
-                )
-            )
-        for kind, name in fn.publishes:
-            if kind == "queue":
-                out.append(
-                    Statement(f"SendTo{_sid(name)}", ("sqs:SendMessage",), (Ref("queue", name),))
-                )
-            else:
-                out.append(
-                    Statement(f"PublishTo{_sid(name)}", ("sns:Publish",), (Ref("topic", name),))
-                )
         return out
+
+    def stream_function_statements(self, fn: StreamFunctionPlan) -> list[Statement]:
+        """What a stream function's role may do: read its stream, write its dataset, …"""
+        out: list[Statement] = [
+            Statement(
+                "Logs",
+                ("logs:CreateLogStream", "logs:PutLogEvents"),
+                (Ref("log_group", fn.name) + ":*",),
+            ),
+            # What the event source mapping needs to read the stream, nothing more.
+            Statement("ReadStream", tuple(KINESIS_READ), (Ref("stream", fn.stream),)),
+            # The mapping's on-failure destination, and records that are no events.
+            Statement("Failures", ("sqs:SendMessage",), (Ref("queue", fn.failures),)),
+        ]
+        for bucket, prefix in fn.writes:
+            s3 = self.s3_of(bucket)
+            under = s3.members[bucket] + (f"{prefix}/" if prefix else "")
+            sid = _sid(bucket)
+            out.append(
+                Statement(f"Write{sid}", tuple(S3_WRITE), (Ref("bucket", s3.label) + f"/{under}*",))
+            )
+            cond = (("StringLike", "s3:prefix", (f"{under}*",)),) if under else ()
+            out.append(
+                Statement(f"List{sid}", ("s3:ListBucket",), (Ref("bucket", s3.label),), cond)
+            )
+        state = self.table_for("stream-state")
+        out.append(
+            Statement(
+                "StreamState",
+                (
+                    "dynamodb:DescribeTable",
+                    "dynamodb:DescribeTimeToLive",
+                    "dynamodb:GetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                    "dynamodb:BatchGetItem",
+                ),
+                (Ref("table", state.label),),
+            )
+        )
+        return out + self.ledger_statements(publishes=False)
 
     def queue_statements(self, q: QueuePlan) -> list[Statement]:
         """Who may send to a queue: the rules that target it and the topics it follows."""
@@ -414,7 +508,9 @@ class _RecordingDynamo:
         self.made.append((name, list(keys), [dict(i) for i in indexes], ttl_attribute))
 
 
-def dynamo_layouts(pipeline: str, tables: Mapping[str, Sequence[str]]) -> list[TablePlan]:
+def dynamo_layouts(
+    pipeline: str, tables: Mapping[str, Sequence[str]], *, streams: bool = False
+) -> list[TablePlan]:
     """The DynamoDB tables the ledger and the tables backends make, asked of those classes.
 
     They are constructed with a recording stand-in for their DynamoDB client,
@@ -430,6 +526,14 @@ def dynamo_layouts(pipeline: str, tables: Mapping[str, Sequence[str]]) -> list[T
     for name, keys, indexes, ttl in ledger_made:
         purpose = name.removeprefix(f"{pipeline}-")  # ledger-entries, ledger-objects, …
         out.append(TablePlan(label(purpose), name, keys, indexes, ttl, None, purpose))
+    if streams:  # stream functions on Lambda: their state table, as aws/streams.py makes it
+        from .streams import StreamState
+
+        rec.made.clear()
+        StreamState(rec, pipeline)  # type: ignore[arg-type]
+        for name, keys, indexes, ttl in rec.made:
+            purpose = name.removeprefix(f"{pipeline}-")
+            out.append(TablePlan(label(purpose), name, keys, indexes, ttl, None, purpose))
     for table, key in tables.items():
         rec.made.clear()
         DynamoTable(rec, table, list(key), pipeline)  # type: ignore[arg-type]
@@ -614,12 +718,19 @@ def build_plan(
                 queues[target].rules.append(rule.name)
 
     functions: dict[str, FunctionPlan] = {}
+    streams: dict[str, StreamPlan] = {}
+    stream_functions: dict[str, StreamFunctionPlan] = {}
     for name, fn in cfg.functions.items():
+        if fn.stream is not None:
+            sf = _stream_function(cfg, name, fn.stream, streams, queues, problems)
+            stream_functions[name] = sf
+            if fifo:
+                problems.append(
+                    f"function {name!r}: a stream function's failure queue must be a standard "
+                    "queue, and this pipeline's broker is FIFO"
+                )
+            continue
         if fn.queue is None:
-            warnings.append(
-                f"function {name!r} consumes a stream: stream functions do not run on Lambda "
-                "yet, so it is left out"
-            )
             continue
         timeout = min(LAMBDA_MAX_TIMEOUT, max(1, math.ceil(fn.timeout)))
         if fn.timeout > LAMBDA_MAX_TIMEOUT:
@@ -667,7 +778,7 @@ def build_plan(
             publishes=publishes,
             handler=bool(fn.handler),
         )
-    for name in list(functions):
+    for name in [*functions, *stream_functions]:
         if len(f"{prefix}{name}") > 64:
             problems.append(f"function {name!r}: Lambda names are 64 characters at most")
     if problems:
@@ -684,8 +795,63 @@ def build_plan(
         topics=topics,
         rules=rules,
         functions=functions,
-        tables=dynamo_layouts(cfg.pipeline, {n: t.key for n, t in cfg.tables.items()}),
+        tables=dynamo_layouts(
+            cfg.pipeline, {n: t.key for n, t in cfg.tables.items()}, streams=bool(streams)
+        ),
         warnings=warnings,
+        streams=streams,
+        stream_functions=stream_functions,
+    )
+
+
+def _stream_function(
+    cfg: PipelineConfig,
+    name: str,
+    stream: str,
+    streams: dict[str, StreamPlan],
+    queues: dict[str, QueuePlan],
+    problems: list[str],
+) -> StreamFunctionPlan:
+    """A stream function's plan, and its stream's and failure queue's."""
+    from .streams import esm_settings
+
+    if stream not in streams:
+        retention = cfg.stream_config(stream).retention
+        hours = KINESIS_MAX_HOURS if retention is None else math.ceil(retention / 3600)
+        streams[stream] = StreamPlan(
+            stream, label(stream), max(KINESIS_MIN_HOURS, min(KINESIS_MAX_HOURS, hours))
+        )
+    streams[stream].consumers.append(name)
+    failures = f"{name}-failed"
+    if failures in queues:
+        problems.append(f"function {name!r}: its failure queue {failures!r} is a pipeline queue")
+    fn = cfg.functions[name]
+    timeout = min(LAMBDA_MAX_TIMEOUT, max(1, math.ceil(fn.timeout)))
+    queues[failures] = QueuePlan(
+        name=failures,
+        label=label(failures),
+        is_dlq=True,
+        dead_letter_queue=None,
+        max_receive_count=1,
+        visibility_timeout=VISIBILITY_FACTOR * timeout,
+        delay=0,
+        failures_of=name,
+    )
+    writes: list[tuple[str, str]] = []
+    for raw in fn.steps:
+        step, options = _step_options(raw)
+        if step == "write_dataset" and options.get("bucket") in cfg.buckets:
+            writes.append((options["bucket"], str(options.get("prefix") or "").strip("/")))
+    esm = esm_settings(cfg, name)
+    return StreamFunctionPlan(
+        name=name,
+        label=label(name),
+        stream=stream,
+        timeout=timeout,
+        batch_size=esm["batch_size"],
+        batching_window=esm["maximum_batching_window_in_seconds"],
+        failures=failures,
+        writes=writes,
     )
 
 
@@ -799,6 +965,7 @@ _TYPES = {
     "rule": "aws_cloudwatch_event_rule",
     "log_group": "aws_cloudwatch_log_group",
     "function": "aws_lambda_function",
+    "stream": "aws_kinesis_stream",
 }
 
 
@@ -832,7 +999,9 @@ class _Terraform:
             take("rule", r.name, r.label)
         for t in p.tables:
             take("table", t.label, t.label)
-        for f in p.functions.values():
+        for s in p.streams.values():
+            take("stream", s.name, s.label)
+        for f in [*p.functions.values(), *p.stream_functions.values()]:
             for kind in ("function", "log_group", "role"):
                 take(kind, f.name, f.label)
         return out
@@ -1008,6 +1177,39 @@ class _Terraform:
                 "More IAM policy (JSON) by function, for user code that touches other resources.",
             ),
         ]
+        if p.streams:
+            blocks += [
+                var(
+                    "kinesis_stream_mode",
+                    "string",
+                    "ON_DEMAND",
+                    "ON_DEMAND (shards follow the traffic) or PROVISIONED (kinesis_shard_count).",
+                    (
+                        'contains(["ON_DEMAND", "PROVISIONED"], var.kinesis_stream_mode)',
+                        "ON_DEMAND or PROVISIONED.",
+                    ),
+                ),
+                var(
+                    "kinesis_shard_count",
+                    "number",
+                    1,
+                    "Shards of each stream when PROVISIONED (one Lambda batch per shard at a "
+                    "time: the parallelism of a stream function).",
+                ),
+                var(
+                    "stream_maximum_retry_attempts",
+                    "number",
+                    -1,
+                    "Retries of a failed stream batch before its range goes to the function's "
+                    "failure queue; -1: until its records leave the stream (a failure is S3 or "
+                    "DynamoDB, not the data: records that are no events are set aside at once).",
+                    (
+                        "var.stream_maximum_retry_attempts >= -1 && "
+                        "var.stream_maximum_retry_attempts <= 10000",
+                        "-1 to 10000.",
+                    ),
+                ),
+            ]
         return "\n\n".join(blocks) + "\n"
 
     def main(self) -> str:
@@ -1026,6 +1228,10 @@ class _Terraform:
             parts += [x.render() for x in self.rule_blocks(r)]
         for f in p.functions.values():
             parts += [x.render() for x in self.function_blocks(f)]
+        for s in p.streams.values():
+            parts.append(self.stream_block(s).render())
+        for sf in p.stream_functions.values():
+            parts += [x.render() for x in self.stream_function_blocks(sf)]
         return "\n\n".join(parts) + "\n"
 
     def locals_block(self) -> Block:
@@ -1222,8 +1428,13 @@ class _Terraform:
                 ),
             )
         out = [b]
-        if q.is_dlq:
-            sources = [s.name for s in p.queues.values() if s.dead_letter_queue == q.name]
+        if q.failures_of:
+            b.body.append(
+                f"# Batches of stream function {q.failures_of} that failed every retry "
+                "(shard and sequence range), and records that are no events."
+            )
+        sources = [s.name for s in p.queues.values() if s.dead_letter_queue == q.name]
+        if q.is_dlq and sources:
             allow = Block("resource", ("aws_sqs_queue_redrive_allow_policy", lbl))
             allow.add("queue_url", Expr(f"aws_sqs_queue.{lbl}.id"))
             allow.add(
@@ -1328,35 +1539,6 @@ class _Terraform:
         lbl = self.labels[("function", f.name)]
         queue = p.queues[f.queue]
         qlbl = self.labels[("queue", f.queue)]
-        logs = Block("resource", ("aws_cloudwatch_log_group", lbl))
-        logs.add("name", template("/aws/lambda/", Expr("var.name_prefix"), f.name))
-        logs.add("retention_in_days", Expr("var.log_retention_days"))
-        assume = Block("data", ("aws_iam_policy_document", f"{lbl}_assume"))
-        st = assume.block("statement")
-        st.add("actions", ["sts:AssumeRole"])
-        pr = st.block("principals")
-        pr.add("type", "Service")
-        pr.add("identifiers", ["lambda.amazonaws.com"])
-        role = Block("resource", ("aws_iam_role", lbl))
-        role.add("name", Expr(f"substr({self.name(f.name)}, 0, 64)"))
-        role.add("assume_role_policy", Expr(f"data.aws_iam_policy_document.{lbl}_assume.json"))
-        doc = self.policy_document(f"{lbl}_role", p.function_statements(f))
-        kms = doc.block("dynamic", "statement")
-        kms.add("for_each", Expr("var.kms_key_arn == null ? [] : [var.kms_key_arn]"))
-        content = kms.block("content")
-        content.add("sid", "Kms")
-        content.add("actions", ["kms:Decrypt", "kms:GenerateDataKey"])
-        content.add("resources", [Expr("statement.value")])
-        policy = Block("resource", ("aws_iam_role_policy", lbl))
-        policy.add("name", "sluiceway")
-        policy.add("role", Expr(f"aws_iam_role.{lbl}.id"))
-        policy.add("policy", Expr(f"data.aws_iam_policy_document.{lbl}_role.json"))
-        extra = Block("resource", ("aws_iam_role_policy", f"{lbl}_extra"))
-        extra.add("count", Expr(f"contains(keys(var.extra_policy_json), {quote(f.name)}) ? 1 : 0"))
-        extra.add("name", "extra")
-        extra.add("role", Expr(f"aws_iam_role.{lbl}.id"))
-        extra.add("policy", Expr(f"var.extra_policy_json[{quote(f.name)}]"))
-
         env: dict[str, Any] = {
             "SLUICEWAY_PIPELINE": f"{PIPELINE_DIR}/{p.pipeline_file}",
             "SLUICEWAY_FUNCTION": f.name,
@@ -1374,8 +1556,107 @@ class _Terraform:
             env["SLUICEWAY_DESTINATIONS"] = Expr(
                 "jsonencode(" + hcl({k: self.value(v) for k, v in dests.items()}, 3) + ")"
             )
+        blocks = self.lambda_blocks(f.name, f.timeout, p.function_statements(f), env)
+        esm = Block("resource", ("aws_lambda_event_source_mapping", lbl))
+        esm.add("event_source_arn", Expr(f"aws_sqs_queue.{qlbl}.arn"))
+        esm.add("function_name", Expr(f"aws_lambda_function.{lbl}.arn"))
+        esm.add("batch_size", f.batch_size)
+        if f.batch_size > 10:
+            esm.add("maximum_batching_window_in_seconds", 1)
+        esm.body.append("# The handler answers which messages failed; the others are deleted.")
+        esm.add("function_response_types", ["ReportBatchItemFailures"])
+        esm.block("scaling_config").add("maximum_concurrency", Expr("var.maximum_concurrency"))
+        return [*blocks, esm]
+
+    def stream_block(self, s: StreamPlan) -> Block:
+        lbl = self.labels[("stream", s.name)]
+        b = Block("resource", ("aws_kinesis_stream", lbl))
+        b.body.append(
+            f"# Pipeline stream {s.name}: producers PutRecords here (partition key: the "
+            "dedup key). Read by " + ", ".join(s.consumers) + "."
+        )
+        b.add("name", self.name(s.name))
+        b.add("retention_period", s.retention_hours)
+        b.add(
+            "shard_count",
+            Expr('var.kinesis_stream_mode == "PROVISIONED" ? var.kinesis_shard_count : null'),
+        )
+        b.block("stream_mode_details").add("stream_mode", Expr("var.kinesis_stream_mode"))
+        b.add("encryption_type", "KMS")
+        b.add("kms_key_id", Expr('var.kms_key_arn == null ? "alias/aws/kinesis" : var.kms_key_arn'))
+        return b
+
+    def stream_function_blocks(self, f: StreamFunctionPlan) -> list[Block]:
+        p = self.plan
+        lbl = self.labels[("function", f.name)]
+        env: dict[str, Any] = {
+            "SLUICEWAY_PIPELINE": f"{PIPELINE_DIR}/{p.pipeline_file}",
+            "SLUICEWAY_FUNCTION": f.name,
+            "SLUICEWAY_BUCKETS": Expr("jsonencode(local.bucket_urls)"),
+            "SLUICEWAY_LEDGER": Expr("local.dynamodb_url"),
+            "SLUICEWAY_QUEUE_PREFIX": Expr("var.name_prefix"),
+            "SLUICEWAY_DLQ_URL": self.ref(Ref("queue", f.failures, "url")),
+            "SLUICEWAY_LOG": "INFO",
+        }
+        blocks = self.lambda_blocks(f.name, f.timeout, p.stream_function_statements(f), env)
+        esm = Block("resource", ("aws_lambda_event_source_mapping", lbl))
+        esm.add("event_source_arn", self.ref(Ref("stream", f.stream)))
+        esm.add("function_name", Expr(f"aws_lambda_function.{lbl}.arn"))
+        esm.add("starting_position", "TRIM_HORIZON")
+        esm.body.append(
+            "# One batch is one flush: write_dataset's flush_records and flush_seconds."
+        )
+        esm.add("batch_size", f.batch_size)
+        esm.add("maximum_batching_window_in_seconds", f.batching_window)
+        esm.body.append(
+            "# One batch per shard at a time: the shard's checkpoint and intent are one item."
+        )
+        esm.add("parallelization_factor", 1)
+        esm.body.append("# The handler names the first failed record; Lambda retries from it.")
+        esm.add("function_response_types", ["ReportBatchItemFailures"])
+        esm.add("bisect_batch_on_function_error", True)
+        esm.add("maximum_retry_attempts", Expr("var.stream_maximum_retry_attempts"))
+        esm.add("maximum_record_age_in_seconds", -1)
+        failure = esm.block("destination_config").block("on_failure")
+        failure.add("destination_arn", self.ref(Ref("queue", f.failures)))
+        return [*blocks, esm]
+
+    def lambda_blocks(
+        self, name: str, timeout: int, statements: Sequence[Statement], env: dict[str, Any]
+    ) -> list[Block]:
+        """A Lambda function with its log group and its role (the policy ``statements``)."""
+        lbl = self.labels[("function", name)]
+        logs = Block("resource", ("aws_cloudwatch_log_group", lbl))
+        logs.add("name", template("/aws/lambda/", Expr("var.name_prefix"), name))
+        logs.add("retention_in_days", Expr("var.log_retention_days"))
+        assume = Block("data", ("aws_iam_policy_document", f"{lbl}_assume"))
+        st = assume.block("statement")
+        st.add("actions", ["sts:AssumeRole"])
+        pr = st.block("principals")
+        pr.add("type", "Service")
+        pr.add("identifiers", ["lambda.amazonaws.com"])
+        role = Block("resource", ("aws_iam_role", lbl))
+        role.add("name", Expr(f"substr({self.name(name)}, 0, 64)"))
+        role.add("assume_role_policy", Expr(f"data.aws_iam_policy_document.{lbl}_assume.json"))
+        doc = self.policy_document(f"{lbl}_role", statements)
+        kms = doc.block("dynamic", "statement")
+        kms.add("for_each", Expr("var.kms_key_arn == null ? [] : [var.kms_key_arn]"))
+        content = kms.block("content")
+        content.add("sid", "Kms")
+        content.add("actions", ["kms:Decrypt", "kms:GenerateDataKey"])
+        content.add("resources", [Expr("statement.value")])
+        policy = Block("resource", ("aws_iam_role_policy", lbl))
+        policy.add("name", "sluiceway")
+        policy.add("role", Expr(f"aws_iam_role.{lbl}.id"))
+        policy.add("policy", Expr(f"data.aws_iam_policy_document.{lbl}_role.json"))
+        extra = Block("resource", ("aws_iam_role_policy", f"{lbl}_extra"))
+        extra.add("count", Expr(f"contains(keys(var.extra_policy_json), {quote(name)}) ? 1 : 0"))
+        extra.add("name", "extra")
+        extra.add("role", Expr(f"aws_iam_role.{lbl}.id"))
+        extra.add("policy", Expr(f"var.extra_policy_json[{quote(name)}]"))
+
         fn = Block("resource", ("aws_lambda_function", lbl))
-        fn.add("function_name", self.name(f.name))
+        fn.add("function_name", self.name(name))
         fn.add("role", Expr(f"aws_iam_role.{lbl}.arn"))
         fn.add("package_type", Expr('var.image_uri == null ? "Zip" : "Image"'))
         fn.add("image_uri", Expr("var.image_uri"))
@@ -1388,7 +1669,7 @@ class _Terraform:
         fn.add("handler", Expr(f'var.image_uri == null ? "{HANDLER}" : null'))
         fn.add("runtime", Expr("var.image_uri == null ? var.lambda_runtime : null"))
         fn.add("architectures", [Expr("var.lambda_architecture")])
-        fn.add("timeout", f.timeout)
+        fn.add("timeout", timeout)
         fn.add("memory_size", Expr("var.lambda_memory_mb"))
         fn.block("ephemeral_storage").add("size", Expr("var.lambda_ephemeral_storage_mb"))
         fn.block("environment").add("variables", env)
@@ -1399,16 +1680,7 @@ class _Terraform:
             "depends_on",
             [Expr(f"aws_iam_role_policy.{lbl}"), Expr(f"aws_cloudwatch_log_group.{lbl}")],
         )
-        esm = Block("resource", ("aws_lambda_event_source_mapping", lbl))
-        esm.add("event_source_arn", Expr(f"aws_sqs_queue.{qlbl}.arn"))
-        esm.add("function_name", Expr(f"aws_lambda_function.{lbl}.arn"))
-        esm.add("batch_size", f.batch_size)
-        if f.batch_size > 10:
-            esm.add("maximum_batching_window_in_seconds", 1)
-        esm.body.append("# The handler answers which messages failed; the others are deleted.")
-        esm.add("function_response_types", ["ReportBatchItemFailures"])
-        esm.block("scaling_config").add("maximum_concurrency", Expr("var.maximum_concurrency"))
-        return [logs, assume, role, doc, policy, extra, fn, esm]
+        return [logs, assume, role, doc, policy, extra, fn]
 
     def outputs(self) -> str:
         p = self.plan
@@ -1461,9 +1733,14 @@ class _Terraform:
                 "function_names",
                 {
                     f.name: self.ref(Ref("function", f.name, "function_name"))
-                    for f in p.functions.values()
+                    for f in [*p.functions.values(), *p.stream_functions.values()]
                 },
                 "Lambda function names.",
+            ),
+            out(
+                "stream_names",
+                {s.name: self.ref(Ref("stream", s.name, "name")) for s in p.streams.values()},
+                "Kinesis streams: producers PutRecords to these.",
             ),
             out(
                 "table_names",
