@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import sluiceway
-from sluiceway.aws.rehearse import parse_puts, rehearse
+from sluiceway.aws.rehearse import parse_events, parse_puts, rehearse
 from sluiceway.cli import app
 
 AUDITED: list[dict[str, Any]] = []
@@ -195,3 +195,56 @@ def test_parse_puts() -> None:
     assert parse_puts(["a.csv=bronze/in/a.csv"]) == [(Path("a.csv"), "bronze", "in/a.csv")]
     with pytest.raises(ValueError, match="FILE=BUCKET/KEY"):
         parse_puts(["a.csv"])
+    assert parse_events(["e.jsonl=events"]) == [(Path("e.jsonl"), "events")]
+    with pytest.raises(ValueError, match="FILE=STREAM"):
+        parse_events(["e.jsonl=lake/events"])
+
+
+LAKE = Path(__file__).resolve().parents[1] / "examples" / "events-to-lake"
+
+
+def test_rehearsal_of_a_stream_function_kinesis_to_lambda_to_s3(
+    aws: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/events-to-lake as it is: PutRecords, the mapping's batches, the lake checked."""
+    boto3 = pytest.importorskip("boto3")
+    import pyarrow.parquet as pq
+
+    monkeypatch.delenv("SLUICEWAY_PROFILE", raising=False)
+    samples = (LAKE / "samples" / "events.jsonl").read_text().splitlines()
+    uuids = [json.loads(line)["event_uuid"] for line in samples if line.strip()]
+    assert len(set(uuids)) < len(uuids)  # the samples re-send some events
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join([*samples, '{"event_name": "no id"}']) + "\n")
+    report = rehearse(
+        LAKE / "sluiceway.yaml",
+        aws,
+        [],
+        events=[(events, "events")],
+        prefix="rk-test-",
+        timeout=120,
+        keep=True,
+    )
+    assert report.ok, json.dumps(report.to_dict(), indent=1)
+    checks = {c.name: c.detail for c in report.checks}
+    assert "to-lake: every event in the lake exactly once" in checks
+    assert "to-lake: replayed batches (whole and bisected) changed nothing" in checks
+    assert "stream events settings" in checks
+    runs = [i for i in report.invocations if i["function"] == "to-lake"]
+    assert {i["shard"] for i in runs} == {"shardId-000000000000", "shardId-000000000001"}
+    assert all(not i["failed"] and i["statuses"] == ["done"] for i in runs)
+
+    # Read back independently: each event once; the record that is no event in the DLQ.
+    s3 = boto3.client("s3", endpoint_url=aws, region_name="us-east-1")
+    seen: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="rk-test-lake"):
+        for obj in page.get("Contents", []):
+            assert obj["Key"].startswith("events/event_name=")
+            assert ".shardId-00000000000" in obj["Key"]
+            body = s3.get_object(Bucket="rk-test-lake", Key=obj["Key"])["Body"].read()
+            seen += pq.read_table(io.BytesIO(body)).column("event_uuid").to_pylist()
+    assert sorted(seen) == sorted(set(uuids))
+    sqs = boto3.client("sqs", endpoint_url=aws, region_name="us-east-1")
+    url = sqs.get_queue_url(QueueName="rk-test-to-lake-failed")["QueueUrl"]
+    [dead] = sqs.receive_message(QueueUrl=url, MessageAttributeNames=["All"])["Messages"]
+    assert "event_uuid: missing" in dead["MessageAttributes"]["sluiceway.failure"]["StringValue"]

@@ -692,7 +692,15 @@ def deploy_rehearse(
     endpoint: Annotated[
         str, typer.Option(help="An AWS-compatible endpoint, e.g. http://127.0.0.1:5000 (moto).")
     ],
-    put: Annotated[list[str], typer.Option("--put", help="FILE=BUCKET/KEY to put once deployed.")],
+    put: Annotated[
+        list[str] | None, typer.Option("--put", help="FILE=BUCKET/KEY to put once deployed.")
+    ] = None,
+    put_events: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--put-events", help="FILE=STREAM: JSON Lines events to PutRecords to a stream."
+        ),
+    ] = None,
     pipeline: PipelineOpt = DEFAULT_PIPELINE,
     region: Annotated[str, typer.Option(help="The region to create things in.")] = "us-east-1",
     prefix: Annotated[str | None, typer.Option(help="Name prefix (default: random).")] = None,
@@ -708,12 +716,15 @@ def deploy_rehearse(
     """Create the AWS resources at ENDPOINT, drive files through them, and check the results."""
     from urllib.parse import urlsplit
 
-    from .aws.rehearse import parse_puts, rehearse
+    from .aws.rehearse import parse_events, parse_puts, rehearse
 
     try:
-        puts = parse_puts(put)
+        puts = parse_puts(put or [])
+        events = parse_events(put_events or [])
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if not puts and not events:
+        raise typer.BadParameter("give --put FILE=BUCKET/KEY or --put-events FILE=STREAM")
     host = urlsplit(endpoint).hostname or ""
     if host in ("localhost", "::1") or host.startswith("127."):
         # An emulator on this machine takes any key; real AWS never sees these.
@@ -724,6 +735,7 @@ def deploy_rehearse(
             pipeline,
             endpoint,
             puts,
+            events=events,
             region=region,
             prefix=prefix,
             deliver_wait=deliver_wait,
@@ -736,8 +748,9 @@ def deploy_rehearse(
     else:
         console.print(f"created {len(report.created)} things at {report.endpoint}")
         for i in report.invocations:
+            what = f"records of {i['shard']}" if "shard" in i else "messages"
             console.print(
-                f"  invoked {i['function']} with {i['messages']} messages: "
+                f"  invoked {i['function']} with {i['messages']} {what}: "
                 f"{', '.join(i['statuses'])}",
                 highlight=False,
             )

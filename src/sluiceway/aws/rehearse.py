@@ -15,6 +15,18 @@ input finished in the ledger, every output object is there (Parquet read back
 and its rows counted), the tables have their items, the DLQs are empty, and
 the resources have the settings the plan gave them.
 
+Stream functions (Kinesis → Lambda → S3): the rehearsal creates the Kinesis
+stream (two provisioned shards, so events spread), the stream-state table
+and the failure queue, puts the given JSON Lines events with PutRecords
+(partition key: the dedup key, as producers should), reads each shard back
+with GetShardIterator/GetRecords in batches of the mapping's size and invokes
+the handler with Kinesis events shaped as the mapping delivers them, going on
+from the first failed record when it reports one. Each batch is delivered
+again after it succeeded, whole and bisected, as Lambda does when an
+invocation's answer is lost; the lake must not change. Last it reads the
+dataset back: every event exactly once, the duplicates dropped, the failure
+queue empty.
+
 What it does not do: create Lambda functions and event source mappings (the
 handler runs here, so the test needs no container runtime) or enforce IAM
 (emulators do not).
@@ -30,6 +42,7 @@ none.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -47,6 +60,7 @@ from urllib.parse import urlsplit
 from ..config import PipelineConfig
 from ..events import object_created
 from ..router import Router
+from ..steps import STEPS, parse_step
 from .handler import LambdaApp, _NoBroker, load_pipeline
 from .terraform import (
     RETENTION,
@@ -60,6 +74,8 @@ from .terraform import (
 log = logging.getLogger("sluiceway.aws.rehearse")
 
 ACCOUNT = "123456789012"  # what emulators answer; AWS's own ARNs carry the real one
+SHARDS = 2  # Kinesis shards of a rehearsal's streams
+PUT_RECORDS_MAX = 500  # records per PutRecords call
 
 
 @dataclass
@@ -145,13 +161,16 @@ class Rehearsal:
         self.apps: dict[str, LambdaApp] = {}
         self.expected: list[_Expected] = []
         self.delivered_from: set[str] = set()  # buckets whose events the endpoint delivered
+        self.events_put: dict[str, list[dict[str, Any]]] = {}  # stream → the events put
+        self.replays: dict[str, list[str]] = {}  # stream function → replays that changed the lake
+        self.not_events: dict[str, int] = {}  # stream function → records put that are no events
         self._scratch = tempfile.TemporaryDirectory(prefix="sluiceway-rehearse-")
         from ..aws_clients import session
 
         sess = session()
         self.clients = {
             name: sess.client(name, endpoint_url=self.endpoint, region_name=region)
-            for name in ("s3", "sqs", "sns", "events", "dynamodb", "iam", "logs")
+            for name in ("s3", "sqs", "sns", "events", "dynamodb", "iam", "logs", "kinesis")
         }
         self.router = Router.from_config(cfg.rules, _NoBroker(), set(cfg.topics))
 
@@ -177,6 +196,7 @@ class Rehearsal:
         self._buckets()
         self._tables()
         self._queues()
+        self._streams()
         self._topics()
         self._rules()
         self._policies()
@@ -311,6 +331,36 @@ class Rehearsal:
             self.refs[("queue", q.name, "id")] = url
             self._created(f"SQS queue {name} (visibility {q.visibility_timeout}s)")
 
+    def _streams(self) -> None:
+        kinesis = self.clients["kinesis"]
+        for st in self.plan.streams.values():
+            name = f"{self.prefix}{st.name}"
+            kinesis.create_stream(
+                StreamName=name, ShardCount=SHARDS, StreamModeDetails={"StreamMode": "PROVISIONED"}
+            )
+            kinesis.get_waiter("stream_exists").wait(
+                StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+            )
+            if st.retention_hours > 24:
+                kinesis.increase_stream_retention_period(
+                    StreamName=name, RetentionPeriodHours=st.retention_hours
+                )
+            kinesis.start_stream_encryption(
+                StreamName=name, EncryptionType="KMS", KeyId="alias/aws/kinesis"
+            )
+            summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+            self.refs[("stream", st.name, "arn")] = summary["StreamARN"]
+            self.refs[("stream", st.name, "name")] = name
+            self._created(
+                f"Kinesis stream {name} ({SHARDS} shards, {st.retention_hours}h, KMS) → "
+                + ", ".join(st.consumers)
+            )
+        if self.plan.streams:
+            self.report.notes.append(
+                f"Kinesis streams are made with {SHARDS} provisioned shards (the module's "
+                "default is on-demand) so that events spread over shards"
+            )
+
     def _topics(self) -> None:
         sns = self.clients["sns"]
         for t in self.plan.topics.values():
@@ -374,7 +424,8 @@ class Rehearsal:
                 }
             ],
         }
-        for f in self.plan.functions.values():
+        functions: list[Any] = [*self.plan.functions.values(), *self.plan.stream_functions.values()]
+        for f in functions:
             group = f"/aws/lambda/{self.prefix}{f.name}"
             logs.create_log_group(logGroupName=group)
             logs.put_retention_policy(logGroupName=group, retentionInDays=30)
@@ -383,7 +434,12 @@ class Rehearsal:
             self.refs[("log_group", f.name, "arn")] = arn.removesuffix(":*")
             role = f"{self.prefix}{f.name}"[:64]
             iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(assume))
-            policy = policy_json(self.plan.function_statements(f), self.lookup)
+            statements = (
+                self.plan.stream_function_statements(f)
+                if f.name in self.plan.stream_functions
+                else self.plan.function_statements(f)
+            )
+            policy = policy_json(statements, self.lookup)
             iam.put_role_policy(
                 RoleName=role, PolicyName="sluiceway", PolicyDocument=json.dumps(policy)
             )
@@ -405,7 +461,6 @@ class Rehearsal:
                 f"dynamodb://?endpoint_url={self.endpoint}&region={self.region}"
                 f"&table_prefix={self.plan.table_prefix}"
             )
-            fn = self.plan.functions[function]
             pipeline = load_pipeline(
                 self.path,
                 buckets=buckets,
@@ -413,13 +468,19 @@ class Rehearsal:
                 tables=dynamo,
                 state_dir=str(Path(self._scratch.name) / function),
             )
-            dlq = self.plan.queues[fn.queue].dead_letter_queue
+            if function in self.plan.stream_functions:
+                dlq: str | None = self.plan.stream_functions[function].failures
+                destinations = {}
+            else:
+                fn = self.plan.functions[function]
+                dlq = self.plan.queues[fn.queue].dead_letter_queue
+                destinations = {k: self.lookup(v) for k, v in self.plan.destinations(fn).items()}
             self.apps[function] = LambdaApp(
                 pipeline,
                 function=function,
                 dlq_url=self.refs[("queue", dlq, "url")] if dlq else None,
                 queue_prefix=self.prefix,
-                destinations={k: self.lookup(v) for k, v in self.plan.destinations(fn).items()},
+                destinations=destinations,
                 sqs_client=self.clients["sqs"],
                 sns_client=self.clients["sns"],
                 worker_id=f"rehearsal:{function}",
@@ -436,6 +497,207 @@ class Rehearsal:
         self.clients["s3"].put_object(Bucket=real, Key=s3_key, Body=source.read_bytes())
         self.report.created.append(f"put {source.name} → s3://{real}/{s3_key}")
         self._expect(bucket, key)
+
+    def put_events(self, source: Path, stream: str) -> None:
+        """Put a JSON Lines file's events into a stream with PutRecords, as a producer would.
+
+        The partition key is the stream's dedup key (else the event name), so
+        a re-sent event lands on the shard of its first copy, in order.
+        """
+        if stream not in self.plan.streams:
+            known = ", ".join(self.plan.streams) or "none"
+            raise ValueError(f"{stream!r} is no stream of a stream function (streams: {known})")
+        key = self._dedup_key(stream) or "event_name"
+        events = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        name = self.refs[("stream", stream, "name")]
+        kinesis = self.clients["kinesis"]
+        for i in range(0, len(events), PUT_RECORDS_MAX):
+            chunk = events[i : i + PUT_RECORDS_MAX]
+            entries = [
+                {
+                    "Data": json.dumps(e, separators=(",", ":")).encode(),
+                    "PartitionKey": str(e.get(key) if isinstance(e, dict) else "") or "-",
+                }
+                for e in chunk
+            ]
+            for _ in range(8):  # PutRecords may take part of a batch: send the rest again
+                reply = kinesis.put_records(StreamName=name, Records=entries)
+                if not reply.get("FailedRecordCount"):
+                    break
+                entries = [
+                    e for e, r in zip(entries, reply["Records"], strict=True) if r.get("ErrorCode")
+                ]
+            else:
+                raise RuntimeError(f"PutRecords to {name}: {len(entries)} records not taken")
+        self.events_put.setdefault(stream, []).extend(events)
+        self.report.created.append(f"put {len(events)} events of {source.name} → Kinesis {name}")
+
+    def _dedup_key(self, stream: str) -> str | None:
+        for function in self.plan.streams[stream].consumers:
+            for raw in self.cfg.functions[function].steps:
+                name, options = parse_step(raw)
+                if name == "dedup":
+                    return str(STEPS["dedup"].options(options).key)  # type: ignore[attr-defined]
+        return None
+
+    def _drive_streams(self, deadline: float) -> bool:
+        """Each stream function reads each shard as its event source mapping would."""
+        for sf in self.plan.stream_functions.values():
+            kinesis = self.clients["kinesis"]
+            name = self.refs[("stream", sf.stream, "name")]
+            shards = kinesis.list_shards(StreamName=name)["Shards"]
+            for shard in shards:
+                if not self._drive_shard(sf, name, shard["ShardId"], deadline):
+                    return False
+        return True
+
+    def _drive_shard(self, sf: Any, stream: str, shard: str, deadline: float) -> bool:
+        kinesis = self.clients["kinesis"]
+        arn = self.refs[("stream", sf.stream, "arn")]
+        iterator = kinesis.get_shard_iterator(
+            StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
+        while time.monotonic() < deadline:
+            got = kinesis.get_records(ShardIterator=iterator, Limit=sf.batch_size)
+            records = got.get("Records", [])
+            if not records:
+                return True  # caught up (nothing more is put while we read)
+            event = {"Records": [self._kinesis_record(r, shard, arn, sf.name) for r in records]}
+            result = self._app(sf.name).handle(event)
+            failed = [f["itemIdentifier"] for f in result.response()["batchItemFailures"]]
+            self.report.invocations.append(
+                {
+                    "function": sf.name,
+                    "messages": len(records),
+                    "shard": shard,
+                    "statuses": result.statuses(),
+                    "failed": failed,
+                }
+            )
+            if failed:  # Lambda checkpoints before the failed record and reads on from it
+                iterator = kinesis.get_shard_iterator(
+                    StreamName=stream,
+                    ShardId=shard,
+                    ShardIteratorType="AT_SEQUENCE_NUMBER",
+                    StartingSequenceNumber=failed[0],
+                )["ShardIterator"]
+                time.sleep(0.2)
+                continue
+            self._replay(sf.name, event)
+            iterator = got["NextShardIterator"]
+        return False
+
+    def _replay(self, function: str, event: dict[str, Any]) -> None:
+        """Deliver a finished batch again, whole and halved: the lake must stay as it is."""
+        before = self._lake_objects(function)
+        records = event["Records"]
+        for again in (records, records[: max(1, len(records) // 2)]):
+            result = self._app(function).handle({"Records": again})
+            if result.failures or set(result.statuses()) != {"duplicate"}:
+                self.replays.setdefault(function, []).append(
+                    f"{len(again)} records: {', '.join(result.statuses())}"
+                )
+        if self._lake_objects(function) != before:
+            self.replays.setdefault(function, []).append("the replay changed the lake")
+
+    def _kinesis_record(
+        self, r: dict[str, Any], shard: str, arn: str, function: str
+    ) -> dict[str, Any]:
+        """A GetRecords record as Lambda's Kinesis event source mapping hands it over."""
+        arrived = r["ApproximateArrivalTimestamp"]
+        return {
+            "kinesis": {
+                "kinesisSchemaVersion": "1.0",
+                "partitionKey": r["PartitionKey"],
+                "sequenceNumber": r["SequenceNumber"],
+                "data": base64.b64encode(r["Data"]).decode(),
+                "approximateArrivalTimestamp": arrived.timestamp()
+                if isinstance(arrived, datetime)
+                else float(arrived),
+            },
+            "eventSource": "aws:kinesis",
+            "eventVersion": "1.0",
+            "eventID": f"{shard}:{r['SequenceNumber']}",
+            "eventName": "aws:kinesis:record",
+            "invokeIdentityArn": f"arn:aws:iam::{ACCOUNT}:role/{self.prefix}{function}",
+            "awsRegion": self.region,
+            "eventSourceARN": arn,
+        }
+
+    def _lake_objects(self, function: str) -> dict[str, str]:
+        """Every object a stream function writes → its ETag."""
+        out: dict[str, str] = {}
+        s3 = self.clients["s3"]
+        for bucket, prefix in self.plan.stream_functions[function].writes:
+            s3b = self.plan.s3_of(bucket)
+            under = s3b.members[bucket] + (f"{prefix}/" if prefix else "")
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket_name(s3b.label), Prefix=under
+            )
+            for page in pages:
+                out.update({f"{bucket}/{o['Key']}": o["ETag"] for o in page.get("Contents", [])})
+        return out
+
+    def _verify_streams(self) -> None:
+        import pyarrow.parquet as pq
+
+        from ..streams.events import check_event
+
+        r, s3 = self.report, self.clients["s3"]
+        for sf in self.plan.stream_functions.values():
+            events = self.events_put.get(sf.stream, [])
+            valid = [e for e in events if not check_event(e, 0)[1]]
+            self.not_events[sf.name] = len(events) - len(valid)
+            key = self._dedup_key(sf.stream)
+            expected: dict[str, int] = {}
+            for e in valid:
+                ident = str(e.get(key or "event_uuid"))
+                expected[ident] = 1 if key else expected.get(ident, 0) + 1
+            seen: dict[str, int] = {}
+            files = 0
+            for where in self._lake_objects(sf.name):
+                bucket, _, s3_key = where.partition("/")
+                body = s3.get_object(
+                    Bucket=self.bucket_name(self.plan.s3_of(bucket).label), Key=s3_key
+                )["Body"].read()
+                files += 1
+                if s3_key.endswith(".parquet"):
+                    rows = pq.read_table(io.BytesIO(body)).to_pylist()
+                else:
+                    rows = [json.loads(line) for line in body.decode().splitlines() if line]
+                for row in rows:
+                    ident = str(row.get(key or "event_uuid"))
+                    seen[ident] = seen.get(ident, 0) + 1
+            twice = sorted(k for k, n in seen.items() if n > expected.get(k, 0))
+            missing = sorted(k for k, n in expected.items() if seen.get(k, 0) < n)
+            r.check(
+                f"{sf.name}: every event in the lake exactly once",
+                bool(events) and not twice and not missing,
+                f"{sum(seen.values())} rows in {files} files from {len(events)} events put "
+                f"({len(events) - len(valid)} not events, "
+                f"{len(valid) - sum(expected.values())} duplicates dropped); "
+                f"missing {missing[:3]}, more than once {twice[:3]}",
+            )
+            changed = self.replays.get(sf.name, [])
+            r.check(
+                f"{sf.name}: replayed batches (whole and bisected) changed nothing",
+                not changed,
+                "; ".join(changed[:3]),
+            )
+        kinesis = self.clients["kinesis"]
+        for st in self.plan.streams.values():
+            summary = kinesis.describe_stream_summary(
+                StreamName=self.refs[("stream", st.name, "name")]
+            )
+            d = summary["StreamDescriptionSummary"]
+            ok = (
+                d.get("EncryptionType") == "KMS" and d["RetentionPeriodHours"] == st.retention_hours
+            )
+            r.check(
+                f"stream {st.name} settings",
+                ok,
+                f"encryption {d.get('EncryptionType')}, retention {d['RetentionPeriodHours']}h",
+            )
 
     def _expect(self, bucket: str, key: str) -> None:
         """Remember which queues the object's event should reach, as the rules say."""
@@ -592,6 +854,8 @@ class Rehearsal:
     def drive(self) -> bool:
         """Play the event source mappings until everything settled; False on timeout."""
         deadline = time.monotonic() + self.timeout
+        if not self._drive_streams(deadline):
+            return False
         while time.monotonic() < deadline:
             received = sum(self._invoke(f) for f in self.plan.functions)
             self._fall_back()
@@ -609,6 +873,7 @@ class Rehearsal:
         r = self.report
         r.check("everything settled", settled, "" if settled else f"not within {self.timeout:g}s")
         self._verify_resources()
+        self._verify_streams()
         if not self.apps:
             r.check("some function ran", False, "no message reached any function's queue")
             return
@@ -635,7 +900,16 @@ class Rehearsal:
                     AttributeNames=["ApproximateNumberOfMessages"],
                 )["Attributes"]
                 n = int(a.get("ApproximateNumberOfMessages", 0))
-                r.check(f"dead-letter queue {q.name} is empty", n == 0, f"{n} messages")
+                if q.failures_of is None:
+                    r.check(f"dead-letter queue {q.name} is empty", n == 0, f"{n} messages")
+                    continue
+                # A stream function's: no failed batch, only the records that are no events.
+                bad = self.not_events.get(q.failures_of, 0)
+                r.check(
+                    f"failure queue {q.name} holds only the {bad} records that are no events",
+                    n == bad,
+                    f"{n} messages",
+                )
 
     def _pipeline_location(self, s3_bucket: str, key: str) -> tuple[str, str] | None:
         for b in self.plan.buckets:
@@ -734,7 +1008,12 @@ class Rehearsal:
         for t in self.plan.tables:
             with contextlib.suppress(Exception):
                 c["dynamodb"].delete_table(TableName=self.refs[("table", t.label, "name")])
-        for f in self.plan.functions.values():
+        for st in self.plan.streams.values():
+            with contextlib.suppress(Exception):
+                c["kinesis"].delete_stream(
+                    StreamName=self.refs[("stream", st.name, "name")], EnforceConsumerDeletion=True
+                )
+        for f in [*self.plan.functions.values(), *self.plan.stream_functions.values()]:
             role = f"{self.prefix}{f.name}"[:64]
             with contextlib.suppress(Exception):
                 c["iam"].delete_role_policy(RoleName=role, PolicyName="sluiceway")
@@ -802,6 +1081,7 @@ def rehearse(
     endpoint: str,
     puts: Sequence[tuple[Path, str, str]],
     *,
+    events: Sequence[tuple[Path, str]] = (),
     region: str = "us-east-1",
     prefix: str | None = None,
     deliver_wait: float = 3.0,
@@ -811,7 +1091,8 @@ def rehearse(
 ) -> RehearsalReport:
     """Create, drive and check a pipeline's AWS deployment at ``endpoint`` (see the docstring).
 
-    ``puts`` are ``(local file, pipeline bucket, key)``. With ``keep`` the
+    ``puts`` are ``(local file, pipeline bucket, key)``; ``events`` are
+    ``(JSON Lines file, pipeline stream)``, put with PutRecords. With ``keep`` the
     resources stay for a look afterwards (their names start with the
     report's ``prefix``).
     """
@@ -835,6 +1116,8 @@ def rehearse(
         step("putting files")
         for source, bucket, key in puts:
             r.put(Path(source), bucket, key)
+        for source, stream in events:
+            r.put_events(Path(source), stream)
         step("running the functions")
         settled = r.drive()
         step("checking")
@@ -856,4 +1139,15 @@ def parse_puts(values: Iterable[str]) -> list[tuple[Path, str, str]]:
         if not sep or not bucket or not key:
             raise ValueError(f"{value!r}: give --put FILE=BUCKET/KEY")
         out.append((Path(source), bucket, key))
+    return out
+
+
+def parse_events(values: Iterable[str]) -> list[tuple[Path, str]]:
+    """``FILE=STREAM`` (the CLI's ``--put-events``) into ``(file, stream)``."""
+    out = []
+    for value in values:
+        source, sep, stream = value.partition("=")
+        if not sep or not source or not stream or "/" in stream:
+            raise ValueError(f"{value!r}: give --put-events FILE=STREAM")
+        out.append((Path(source), stream))
     return out
