@@ -131,6 +131,25 @@ def dataset(lake: dict[str, Any]) -> Counter[str]:
     return seen
 
 
+def crash_after_files(lake: dict[str, Any], tmp_path: Path, payload: dict[str, Any]) -> None:
+    """An invocation killed (SIGKILL) between writing its files and moving the checkpoint."""
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(payload))
+    script = (
+        "import json, sys\n"
+        "from sluiceway.aws.handler import LambdaApp\n"
+        "LambdaApp.from_env().handle(json.load(open(sys.argv[1])))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        env={**os.environ, **lake["env"], "SLUICEWAY_FAULTS": "after_commit:1.0,procs=MainProcess"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+
+
 def test_a_batch_is_one_flush_with_duplicates_dropped(lake: dict[str, Any]) -> None:
     app = lake["app"]()
     first = batch(
@@ -169,23 +188,7 @@ def test_a_crash_after_the_files_is_replayed_to_the_same_objects(
     lake: dict[str, Any], tmp_path: Path
 ) -> None:
     records = [record(i, event(f"e{i % 5}")) for i in range(1, 11)]  # e0..e4, each twice
-    payload = tmp_path / "batch.json"
-    payload.write_text(json.dumps(batch(*records)))
-    # A Lambda killed between writing its files and moving the checkpoint (SIGKILL).
-    script = (
-        "import json, sys\n"
-        "from sluiceway.aws.handler import LambdaApp\n"
-        "app = LambdaApp.from_env()\n"
-        "app.handle(json.load(open(sys.argv[1])))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(payload)],
-        env={**os.environ, **lake["env"], "SLUICEWAY_FAULTS": "after_commit:1.0,procs=MainProcess"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -9, proc.stderr
+    crash_after_files(lake, tmp_path, batch(*records))
     crashed = objects(lake)
     assert crashed and dataset(lake) == Counter({f"e{i}": 1 for i in range(5)})
 
@@ -201,29 +204,38 @@ def test_a_crash_after_the_files_is_replayed_to_the_same_objects(
     assert dataset(lake) == Counter({**{f"e{i}": 1 for i in range(5)}, "f": 1})
 
 
-def test_a_bisected_retry_replaces_the_unfinished_flush(lake: dict[str, Any]) -> None:
+def test_a_bisected_retry_replaces_the_unfinished_flush(
+    lake: dict[str, Any], tmp_path: Path
+) -> None:
     """The ESM halves a batch whose invocation failed: the halves take over its files."""
-    app = lake["app"]()
     records = [record(i, event(f"k{i}", "login" if i % 2 else "signup")) for i in range(1, 9)]
-    # The first attempt planned and wrote its files, then died (its intent stays).
-    runner = app.stream_runner("to-lake")
-    state: StreamState = runner.state
-    original = state.commit
-
-    def die(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("the invocation timed out")
-
-    state.commit = die  # type: ignore[method-assign]
-    failed = app.handle(batch(*records))
-    assert failed.response() == {"batchItemFailures": [{"itemIdentifier": str(BASE_SEQ + 1)}]}
-    state.commit = original  # type: ignore[method-assign]
+    crash_after_files(lake, tmp_path, batch(*records))
     whole = set(objects(lake))
     assert len(whole) == 2  # one file per event name, named for seqs 1..8
 
+    app = lake["app"]()
     for half in (records[:4], records[4:]):
         assert app.handle(batch(*half)).statuses() == ["done"]
     assert not set(objects(lake)) & whole  # the whole batch's files are gone
     assert dataset(lake) == Counter({f"k{i}": 1 for i in range(1, 9)})
+
+
+def test_a_replay_decides_as_the_first_attempt_after_the_key_moved_on(
+    lake: dict[str, Any], tmp_path: Path
+) -> None:
+    """A duplicate dropped by a crashed flush stays dropped when it is replayed a day later,
+    after a third copy from another shard has become the key's recorded first arrival."""
+    day = 86_400.0
+    app = lake["app"]()
+    assert app.handle(batch(record(1, event("k"), shard=0, at=T0))).statuses() == ["done"]
+    dup = batch(record(1, event("k"), shard=1, at=T0 + 3), record(2, event("m"), shard=1))
+    crash_after_files(lake, tmp_path, dup)  # "k" dropped, "m" written, not committed
+    late = batch(record(1, event("k"), shard=2, at=T0 + day + 5))
+    assert app.handle(late).results[0].detail["stats"]["duplicates"] == 0  # a window later
+    replay = app.handle(dup)
+    assert replay.statuses() == ["done"] and replay.results[0].detail["replay"]
+    assert replay.results[0].detail["stats"]["duplicates"] == 1
+    assert dataset(lake) == Counter({"k": 2, "m": 1})
 
 
 def test_duplicates_across_shards_and_the_window(lake: dict[str, Any]) -> None:

@@ -971,6 +971,8 @@ class LambdaApp:
             for o in outcomes:
                 detail = {"shard": o.shard, "from_seq": o.from_seq, "to_seq": o.to_seq}
                 detail.update(_summary(o.detail))
+                if "replay" in o.detail:  # it rewrote an unfinished flush's files
+                    detail["replay"] = o.detail["replay"]
                 item = ItemResult(o.from_seq, "kinesis", o.status, function, detail)
                 result.results.append(item)
                 if item.failed and o.from_seq:

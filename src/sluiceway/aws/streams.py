@@ -173,9 +173,10 @@ class StreamState:
 
     One hash key ``id``: ``key|<function>:<column>|<value>`` items hold a
     dedup key's first arrival (``shard``, ``seq``, ``arrived``, TTL
-    ``expires``); ``shard|<function>|<shard>`` items hold ``committed`` and
-    the ``pending`` intent (no TTL). Sequence numbers are strings: Kinesis's
-    have more digits than a DynamoDB number keeps.
+    ``expires``); ``dropped|<function>:<column>|<shard>|<seq>`` items mark a
+    record dropped as a duplicate (TTL ``expires``); ``shard|<function>|<shard>``
+    items hold ``committed`` and the ``pending`` intent (no TTL). Sequence
+    numbers are strings: Kinesis's have more digits than a DynamoDB number keeps.
     """
 
     def __init__(self, dynamo: Dynamo, namespace: str) -> None:
@@ -245,6 +246,42 @@ class StreamState:
         ).get("Item")
         # None: deleted by TTL in between; the caller tries again on an empty key.
         return False, _arrival(got) if got is not None else None
+
+    @staticmethod
+    def dropped_id(scope: str, record: Arrival) -> str:
+        return f"dropped|{scope}|{record.shard}|{record.seq}"
+
+    def mark_dropped(self, scope: str, records: Sequence[Arrival], keep_for: float) -> None:
+        """Remember the records dropped as duplicates, for a replay to decide the same.
+
+        Needed only when a key's recorded arrival has moved on by a window
+        since (see ``lambda_dedup``); written before the flush's files.
+        """
+        self.db.batch_write(
+            self.table,
+            [
+                {
+                    "PutRequest": {
+                        "Item": {
+                            "id": _s(self.dropped_id(scope, r)),
+                            "expires": {"N": str(int(r.at + keep_for) + 1)},
+                        }
+                    }
+                }
+                for r in records
+            ],
+        )
+
+    def was_dropped(self, scope: str, record: Arrival) -> bool:
+        got = self.db.call(
+            lambda: self.db.client.get_item(
+                TableName=self.table,
+                Key={"id": _s(self.dropped_id(scope, record))},
+                ConsistentRead=True,
+            ),
+            "read a dropped record's mark",
+        )
+        return "Item" in got
 
     # -- shard checkpoints -----------------------------------------------------------------
 
@@ -358,7 +395,10 @@ def lambda_dedup(opts: DedupOptions, state: StreamState, retention: float) -> St
                     keep = False  # another record of this key, within the window
                     break
                 if current is not None and me.at < current.at:
-                    keep = True  # a window older than the recorded one: not its duplicate
+                    # A window older than the recorded one (which replaced, since, the
+                    # one this record was judged against): what was decided the first
+                    # time? Only a dropped record leaves a mark.
+                    keep = not state.was_dropped(scope, me)
                     break
                 won, seen = state.record_first(
                     scope, key, me, current, me.at + opts.window + retention
@@ -401,6 +441,11 @@ def lambda_dedup(opts: DedupOptions, state: StreamState, retention: float) -> St
                 for idx, keeps in decided:
                     for i, keep in zip(idx, keeps, strict=True):
                         mask[i] = keep
+            state.mark_dropped(
+                scope,
+                [a for a, keep in zip(arrivals, mask, strict=True) if not keep],
+                opts.window + retention,
+            )
             dropped = mask.count(False)
             if dropped:
                 ctx.count("duplicates", dropped)

@@ -403,6 +403,7 @@ class Plan:
                     "dynamodb:PutItem",
                     "dynamodb:UpdateItem",
                     "dynamodb:BatchGetItem",
+                    "dynamodb:BatchWriteItem",
                 ),
                 (Ref("table", state.label),),
             )
