@@ -50,6 +50,13 @@ Sluiceway :class:`~sluiceway.events.Event`:
   ``aws.dynamodb`` "DynamoDB Stream Record") with the payload in ``detail``,
   so a rule can send it to a ``handler:`` function.
 
+A Kinesis batch from the stream of a stream function (``stream:``; the
+function this Lambda is pinned to, or the one whose stream the ARN names,
+after ``SLUICEWAY_QUEUE_PREFIX``) is not routed as events: it is that
+function's next flush, exactly once through retries and crashes, with its
+dedup keys and shard checkpoints in DynamoDB next to the ledger; see
+:mod:`sluiceway.aws.streams`.
+
 Which function runs: a message from one of the pipeline's queues belongs to the
 function that queue feeds (EventBridge or SNS already routed it there);
 anything else goes through the pipeline's rules (topics fan out to their
