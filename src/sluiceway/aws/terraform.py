@@ -287,11 +287,7 @@ class Plan:
     def function_statements(self, fn: FunctionPlan) -> list[Statement]:
         """Everything ``fn``'s role may do; nothing else (see the module docstring)."""
         out: list[Statement] = [
-            Statement(
-                "Logs",
-                ("logs:CreateLogStream", "logs:PutLogEvents"),
-                (Ref("log_group", fn.name) + ":*",),
-            ),
+            _logs(fn.name),
             Statement("ConsumeOwnQueue", tuple(SQS_CONSUME), (Ref("queue", fn.queue),)),
         ]
         dlq = self.queues[fn.queue].dead_letter_queue
@@ -303,19 +299,7 @@ class Plan:
             ("Write", fn.writes, S3_WRITE),
         ):
             for bucket in buckets:
-                s3 = self.s3_of(bucket)
-                prefix = s3.members[bucket]
-                sid = f"{kind}{_sid(bucket)}"
-                out.append(
-                    Statement(sid, tuple(actions), (Ref("bucket", s3.label) + f"/{prefix}*",))
-                )
-                # ListBucket makes a missing object a 404 (skipped), not a 403 (retried).
-                cond = (("StringLike", "s3:prefix", (f"{prefix}*",)),) if prefix else ()
-                out.append(
-                    Statement(
-                        f"List{_sid(bucket)}", ("s3:ListBucket",), (Ref("bucket", s3.label),), cond
-                    )
-                )
+                out += self.bucket_statements(kind, bucket, actions)
         out += self.ledger_statements(publishes=bool(fn.publishes))
         for table in fn.tables:
             t = self.table_for("table", table)
@@ -336,6 +320,20 @@ class Plan:
                     Statement(f"PublishTo{_sid(name)}", ("sns:Publish",), (Ref("topic", name),))
                 )
         return out
+
+    def bucket_statements(
+        self, kind: str, bucket: str, actions: Sequence[str], under: str = ""
+    ) -> list[Statement]:
+        """``actions`` on a pipeline bucket's objects (below ``under`` in it), and listing them."""
+        s3 = self.s3_of(bucket)
+        prefix = s3.members[bucket] + under
+        sid = _sid(bucket)
+        # ListBucket makes a missing object a 404 (skipped), not a 403 (retried).
+        cond = (("StringLike", "s3:prefix", (f"{prefix}*",)),) if prefix else ()
+        return [
+            Statement(f"{kind}{sid}", tuple(actions), (Ref("bucket", s3.label) + f"/{prefix}*",)),
+            Statement(f"List{sid}", ("s3:ListBucket",), (Ref("bucket", s3.label),), cond),
+        ]
 
     def ledger_statements(self, *, publishes: bool) -> list[Statement]:
         """The ledger's tables, as the DynamoDB ledger uses them (and its start-up probe)."""
@@ -371,27 +369,14 @@ class Plan:
     def stream_function_statements(self, fn: StreamFunctionPlan) -> list[Statement]:
         """What a stream function's role may do: read its stream, write its dataset, …"""
         out: list[Statement] = [
-            Statement(
-                "Logs",
-                ("logs:CreateLogStream", "logs:PutLogEvents"),
-                (Ref("log_group", fn.name) + ":*",),
-            ),
+            _logs(fn.name),
             # What the event source mapping needs to read the stream, nothing more.
             Statement("ReadStream", tuple(KINESIS_READ), (Ref("stream", fn.stream),)),
             # The mapping's on-failure destination, and records that are no events.
             Statement("Failures", ("sqs:SendMessage",), (Ref("queue", fn.failures),)),
         ]
-        for bucket, prefix in fn.writes:
-            s3 = self.s3_of(bucket)
-            under = s3.members[bucket] + (f"{prefix}/" if prefix else "")
-            sid = _sid(bucket)
-            out.append(
-                Statement(f"Write{sid}", tuple(S3_WRITE), (Ref("bucket", s3.label) + f"/{under}*",))
-            )
-            cond = (("StringLike", "s3:prefix", (f"{under}*",)),) if under else ()
-            out.append(
-                Statement(f"List{sid}", ("s3:ListBucket",), (Ref("bucket", s3.label),), cond)
-            )
+        for bucket, prefix in fn.writes:  # only below the dataset's prefix
+            out += self.bucket_statements("Write", bucket, S3_WRITE, f"{prefix}/" if prefix else "")
         state = self.table_for("stream-state")
         out.append(
             Statement(
@@ -454,6 +439,14 @@ class Plan:
             f"{kind}:{name}": Ref(kind, name, "url" if kind == "queue" else "arn")
             for kind, name in fn.publishes
         }
+
+
+def _logs(function: str) -> Statement:
+    return Statement(
+        "Logs",
+        ("logs:CreateLogStream", "logs:PutLogEvents"),
+        (Ref("log_group", function) + ":*",),
+    )
 
 
 def _sid(name: str) -> str:
@@ -1540,14 +1533,7 @@ class _Terraform:
         lbl = self.labels[("function", f.name)]
         queue = p.queues[f.queue]
         qlbl = self.labels[("queue", f.queue)]
-        env: dict[str, Any] = {
-            "SLUICEWAY_PIPELINE": f"{PIPELINE_DIR}/{p.pipeline_file}",
-            "SLUICEWAY_FUNCTION": f.name,
-            "SLUICEWAY_BUCKETS": Expr("jsonencode(local.bucket_urls)"),
-            "SLUICEWAY_LEDGER": Expr("local.dynamodb_url"),
-            "SLUICEWAY_QUEUE_PREFIX": Expr("var.name_prefix"),
-            "SLUICEWAY_LOG": "INFO",
-        }
+        env: dict[str, Any] = {}
         if any(t.table for t in p.tables):  # user code may use ctx.tables too
             env["SLUICEWAY_TABLES"] = Expr("local.dynamodb_url")
         if queue.dead_letter_queue:
@@ -1590,15 +1576,7 @@ class _Terraform:
     def stream_function_blocks(self, f: StreamFunctionPlan) -> list[Block]:
         p = self.plan
         lbl = self.labels[("function", f.name)]
-        env: dict[str, Any] = {
-            "SLUICEWAY_PIPELINE": f"{PIPELINE_DIR}/{p.pipeline_file}",
-            "SLUICEWAY_FUNCTION": f.name,
-            "SLUICEWAY_BUCKETS": Expr("jsonencode(local.bucket_urls)"),
-            "SLUICEWAY_LEDGER": Expr("local.dynamodb_url"),
-            "SLUICEWAY_QUEUE_PREFIX": Expr("var.name_prefix"),
-            "SLUICEWAY_DLQ_URL": self.ref(Ref("queue", f.failures, "url")),
-            "SLUICEWAY_LOG": "INFO",
-        }
+        env = {"SLUICEWAY_DLQ_URL": self.ref(Ref("queue", f.failures, "url"))}
         blocks = self.lambda_blocks(f.name, f.timeout, p.stream_function_statements(f), env)
         esm = Block("resource", ("aws_lambda_event_source_mapping", lbl))
         esm.add("event_source_arn", self.ref(Ref("stream", f.stream)))
@@ -1625,8 +1603,20 @@ class _Terraform:
     def lambda_blocks(
         self, name: str, timeout: int, statements: Sequence[Statement], env: dict[str, Any]
     ) -> list[Block]:
-        """A Lambda function with its log group and its role (the policy ``statements``)."""
+        """A Lambda function with its log group and its role (the policy ``statements``).
+
+        ``env`` adds to the environment every function's handler needs.
+        """
         lbl = self.labels[("function", name)]
+        env = {
+            "SLUICEWAY_PIPELINE": f"{PIPELINE_DIR}/{self.plan.pipeline_file}",
+            "SLUICEWAY_FUNCTION": name,
+            "SLUICEWAY_BUCKETS": Expr("jsonencode(local.bucket_urls)"),
+            "SLUICEWAY_LEDGER": Expr("local.dynamodb_url"),
+            "SLUICEWAY_QUEUE_PREFIX": Expr("var.name_prefix"),
+            "SLUICEWAY_LOG": "INFO",
+            **env,
+        }
         logs = Block("resource", ("aws_cloudwatch_log_group", lbl))
         logs.add("name", template("/aws/lambda/", Expr("var.name_prefix"), name))
         logs.add("retention_in_days", Expr("var.log_retention_days"))
