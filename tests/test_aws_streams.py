@@ -286,3 +286,34 @@ def test_a_failed_flush_reports_its_first_sequence_number(lake: dict[str, Any]) 
     result = app.handle(batch(record(7, event("a")), record(8, event("b"))))
     assert result.response() == {"batchItemFailures": [{"itemIdentifier": str(BASE_SEQ + 7)}]}
     assert result.statuses() == ["error"]
+
+
+def test_dedup_after_another_step_is_refused_for_lambda(
+    write_pipeline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lambda's dedup decides by shard and seq, which only the records themselves carry."""
+    from sluiceway import ConfigError, Pipeline
+    from sluiceway.aws.terraform import build_plan
+
+    monkeypatch.delenv("SLUICEWAY_PROFILE", raising=False)
+    (tmp_path / "shape.py").write_text("def same(batch, ctx):\n    return batch\n")
+    path = write_pipeline(
+        """
+        pipeline: s
+        buckets: {lake: ./lake}
+        streams: {events: {}}
+        functions:
+          to-lake:
+            stream: events
+            steps:
+              - call: shape:same
+              - dedup: {key: event_uuid}
+              - write_dataset: {bucket: lake, prefix: e}
+        """
+    )
+    pipeline = Pipeline.from_file(path)
+    with pytest.raises(ConfigError, match="dedup must be the first step"):
+        build_plan(pipeline.config)
+    with pytest.raises(ConfigError, match="dedup must be the first step"):
+        LambdaApp(pipeline, function="to-lake", stream_state=object())  # type: ignore[arg-type]
+    pipeline.close()

@@ -124,7 +124,14 @@ from ..queues.sqs import A_ATTRS, A_DEAD_AT, A_FAILURE, A_ID, A_RECEIVES, A_SENT
 from ..router import Router
 from ..tables.base import Table
 from ..worker import Worker
-from .streams import FlushOutcome, KinesisRecord, LambdaStreamFunction, StreamState, parse_record
+from .streams import (
+    FlushOutcome,
+    KinesisRecord,
+    LambdaStreamFunction,
+    StreamState,
+    parse_record,
+)
+from .streams import check_function as check_stream_function
 
 log = logging.getLogger("sluiceway.aws")
 
@@ -806,6 +813,8 @@ class LambdaApp:
                     f"dedup keys next to the ledger on Lambda: set {ENV_LEDGER}=dynamodb://…"
                 ]
             )
+        for name in self.stream_functions:
+            check_stream_function(cfg, name)
         self._stream_runners: dict[str, LambdaStreamFunction] = {}
         self._stream_state = stream_state
         own_queue = cfg.functions[function].queue if function else None

@@ -560,8 +560,11 @@ class Rehearsal:
         while time.monotonic() < deadline:
             got = kinesis.get_records(ShardIterator=iterator, Limit=sf.batch_size)
             records = got.get("Records", [])
-            if not records:
+            if not records and not got.get("MillisBehindLatest"):
                 return True  # caught up (nothing more is put while we read)
+            if not records:  # an empty stretch of the shard: read on
+                iterator = got["NextShardIterator"]
+                continue
             event = {"Records": [self._kinesis_record(r, shard, arn, sf.name) for r in records]}
             result = self._app(sf.name).handle(event)
             failed = [f["itemIdentifier"] for f in result.response()["batchItemFailures"]]

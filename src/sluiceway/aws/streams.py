@@ -493,18 +493,12 @@ class LambdaStreamFunction:
         self.worker_id = worker_id
         retention = cfg.stream_config(fn.stream).retention
         self.retention = max(KINESIS_MIN_RETENTION, retention or 0.0)
+        check_function(cfg, function)
         self.steps: list[StepFn] = []
-        for i, raw in enumerate(fn.steps):
+        for raw in fn.steps:
             name, options = parse_step(raw)
             step_type = STEPS[name]
             if name == "dedup":
-                if i != 0:
-                    raise ConfigError(
-                        [
-                            f"function {function!r}: on Lambda, dedup must be the first step "
-                            "(it decides by each record's shard and sequence number)"
-                        ]
-                    )
                 opts = step_type.options(options)
                 assert isinstance(opts, DedupOptions)
                 self.steps.append(lambda_dedup(opts, state, self.retention))
@@ -698,6 +692,18 @@ def _error(e: BaseException) -> dict[str, Any]:
 def _out_of_time(context: Any, margin_ms: int = 10_000) -> bool:
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     return callable(remaining) and remaining() < margin_ms
+
+
+def check_function(cfg: PipelineConfig, function: str) -> None:
+    """What a stream function needs on Lambda beyond what it needs anywhere."""
+    steps = [parse_step(raw)[0] for raw in cfg.functions[function].steps]
+    if "dedup" in steps[1:]:
+        raise ConfigError(
+            [
+                f"function {function!r}: on Lambda, dedup must be the first step (it decides "
+                "by each record's shard and sequence number, which later steps do not carry)"
+            ]
+        )
 
 
 def esm_settings(cfg: PipelineConfig, function: str) -> dict[str, int]:

@@ -807,8 +807,12 @@ def _stream_function(
     problems: list[str],
 ) -> StreamFunctionPlan:
     """A stream function's plan, and its stream's and failure queue's."""
-    from .streams import esm_settings
+    from .streams import check_function, esm_settings
 
+    try:
+        check_function(cfg, name)
+    except ConfigError as e:
+        problems += e.problems
     if stream not in streams:
         retention = cfg.stream_config(stream).retention
         hours = KINESIS_MAX_HOURS if retention is None else math.ceil(retention / 3600)
