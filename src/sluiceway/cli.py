@@ -680,7 +680,8 @@ def deploy_terraform(
     console.print(
         f"wrote {', '.join(f.name for f in files)} to [bold]{out}[/bold]: "
         f"{len(plan.buckets)} buckets, {len(plan.rules)} rules, {len(plan.topics)} topics, "
-        f"{len(plan.queues)} queues, {len(plan.functions)} functions, {len(plan.tables)} tables"
+        f"{len(plan.queues)} queues, {len(plan.streams)} streams, "
+        f"{len(plan.functions) + len(plan.stream_functions)} functions, {len(plan.tables)} tables"
     )
     for w in plan.warnings:
         console.print(f"[yellow]note:[/yellow] {w}", highlight=False)
