@@ -22,7 +22,8 @@ terraform`` sets them all):
     the ``prefix`` of the profile's ``sqs://`` broker URL).
 ``SLUICEWAY_DLQ_URL``
     The SQS dead-letter queue for payloads the handler does not understand
-    and for messages that failed ``max_receive_count`` times.
+    and for messages that failed ``max_receive_count`` times; for a stream
+    function, its failure queue (records that are no events go there too).
 ``SLUICEWAY_DESTINATIONS``
     JSON ``{"queue:NAME": URL, "topic:NAME": ARN}`` for publishing steps and
     ``on_success``/``on_error``: sent to directly, so the function's role needs

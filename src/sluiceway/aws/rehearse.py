@@ -63,6 +63,7 @@ from ..config import PipelineConfig
 from ..events import object_created
 from ..router import Router
 from ..steps import STEPS, parse_step
+from ..steps.dedup import DedupOptions
 from .handler import LambdaApp, _NoBroker, load_pipeline
 from .terraform import (
     RETENTION,
@@ -539,7 +540,9 @@ class Rehearsal:
             for raw in self.cfg.functions[function].steps:
                 name, options = parse_step(raw)
                 if name == "dedup":
-                    return str(STEPS["dedup"].options(options).key)  # type: ignore[attr-defined]
+                    opts = STEPS["dedup"].options(options)
+                    assert isinstance(opts, DedupOptions)
+                    return opts.key
         return None
 
     def _drive_streams(self, deadline: float) -> bool:
