@@ -176,6 +176,28 @@ def test_bad_inputs_end_in_the_dlq_and_good_ones_flow(pipeline: Pipeline, tmp_pa
     assert pipeline.function_status()["csv-to-parquet"] == {"done": 1, "failed": len(BAD_INPUTS)}
 
 
+def test_error_deep_in_a_large_file_names_its_line_and_leaves_nothing(
+    write_pipeline: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Read fast and written row group by row group in the background, then a bad
+    row: the file still fails with its exact line, and no output or aside file stays."""
+    text = BRONZE_TO_STAGING.replace("- read_csv\n", "- read_csv: {block_size: 4096}\n")
+    text = text.replace("{bucket: staging}", "{bucket: staging, row_group_size: 1000}")
+    p = Pipeline.from_file(write_pipeline(text))
+    make_csv(tmp_path / "big.csv", 20_000, seed=5)
+    data = (tmp_path / "big.csv").read_bytes()
+    at = data.index(b"\n15000,") + 1
+    (tmp_path / "big.csv").write_bytes(data[:at] + b"oops\n" + data[at:])
+    line = data.count(b"\n", 0, at) + 1
+    p.put(tmp_path / "big.csv", "bronze", "big.csv")
+    assert drain_inline(p, rounds=2000).count("dead") == 1
+    [dead] = p.broker.queue("to-parquet-dlq").peek()
+    assert dead.failure is not None
+    assert f"bronze/big.csv:line {line}: expected 4 fields, got 1" in dead.failure["message"]
+    assert list((tmp_path / "staging").rglob("*.parquet")) == []
+    assert list((tmp_path / "staging" / ".sluiceway-tmp").glob("*")) == []
+
+
 def test_deleted_input_is_skipped_not_retried(pipeline: Pipeline, tmp_path: Path) -> None:
     make_csv(tmp_path / "a.csv", 5)
     pipeline.put(tmp_path / "a.csv", "bronze", "a.csv")
