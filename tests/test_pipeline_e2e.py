@@ -50,6 +50,21 @@ def test_put_converts_every_row(pipeline: Pipeline, tmp_path: Path) -> None:
     assert [o.key for o in pipeline.buckets["staging"].list()] == ["2026/11/customers.parquet"]
 
 
+def test_only_repetitive_columns_are_dictionary_encoded(pipeline: Pipeline, tmp_path: Path) -> None:
+    records = make_csv(tmp_path / "in.csv", 2000, seed=4)
+    pipeline.put(tmp_path / "in.csv", "bronze", "in.csv")
+    assert drain_inline(pipeline) == ["done"]
+    out = tmp_path / "staging" / "in.parquet"
+    meta = pq.ParquetFile(out).metadata
+    encoded = {
+        meta.schema.column(i).name: "RLE_DICTIONARY" in meta.row_group(0).column(i).encodings
+        for i in range(meta.num_columns)
+    }
+    # id and amount are (nearly) all distinct: a dictionary would only cost time and bytes.
+    assert encoded == {"id": False, "name": True, "country": True, "amount": False}
+    assert parquet_rows(out) == records
+
+
 def test_non_matching_objects_raise_no_messages(pipeline: Pipeline, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     event = pipeline.put(tmp_path / "notes.txt", "bronze", "notes.txt")
