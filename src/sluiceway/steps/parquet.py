@@ -93,7 +93,7 @@ def dictionary_columns(batch: pa.RecordBatch) -> list[str] | bool:
     return chosen
 
 
-class _RowGroupWriter:
+class RowGroupWriter:
     """Batches into Parquet row groups of ``row_group_size`` rows, encoded in the background.
 
     PyArrow's ``write_batch`` makes a row group of every batch it is given, so
@@ -232,12 +232,12 @@ class WriteParquet(StepType):
             bucket = ctx.bucket(opts.bucket)
             rows = 0
             with bucket.open_write(out_key) as f:
-                writer: _RowGroupWriter | None = None
+                writer: RowGroupWriter | None = None
                 try:
                     for batch in batches:
                         faults.point("during_read")
                         if writer is None:
-                            writer = _RowGroupWriter(f, batch, compression, opts.row_group_size)
+                            writer = RowGroupWriter(f, batch, compression, opts.row_group_size)
                         writer.add(batch)
                         faults.point("during_write")
                         rows += batch.num_rows
