@@ -381,11 +381,12 @@ def test_invalid_utf8_inside_quoted_newlines_counts_physical_lines() -> None:
     assert error(data).line == 5
 
 
-def test_invalid_utf8_deep_in_a_stream() -> None:
+@pytest.mark.parametrize("source", ["bytes", "stream"])
+def test_invalid_utf8_deep_in_a_stream(source: str) -> None:
     data = quoted_table(3000)
     bad_at = data.index(b"row 2500,")
     data = data[:bad_at] + b"\xc3\x28" + data[bad_at:]
-    err = error(OnlyRead(data, chunk=999), block_size=SMALL_BLOCK)
+    err = error(data if source == "bytes" else OnlyRead(data, chunk=999), block_size=SMALL_BLOCK)
     assert err.line == line_of(data, b"\xc3\x28")
 
 
@@ -448,13 +449,33 @@ def test_conversion_error_without_value_in_pyarrow_message() -> None:
     assert "'2.505'" in err.message
 
 
-def test_inferred_type_broken_in_a_later_block() -> None:
+@pytest.mark.parametrize("source", ["bytes", "stream"])
+def test_inferred_type_broken_in_a_later_block(source: str) -> None:
     lines = [b"n,code"] + [b"%d,%d" % (i, i) for i in range(2000)]
     lines.insert(1500, b"1,A17")
     data = b"\n".join(lines) + b"\n"
-    err = error(OnlyRead(data, chunk=500), block_size=SMALL_BLOCK)
+    err = error(data if source == "bytes" else OnlyRead(data, chunk=500), block_size=SMALL_BLOCK)
     assert (err.line, err.field) == (1501, "code")  # list index 1500 is line 1501
     assert "'A17'" in err.message
+
+
+@pytest.mark.parametrize("source", ["bytes", "stream"])
+def test_rows_before_a_late_error_are_yielded_once_and_in_order(source: str) -> None:
+    """A seekable file is read by the fast pass and, when that fails, again by the
+    precise pass; the consumer must still see one stream: each good row once, in
+    file order, with one schema, then the precise error."""
+    lines = [b"n,word"] + [b"%d,w%d" % (i, i) for i in range(3000)]
+    lines.insert(2601, b"2600,too,many")
+    data = b"\n".join(lines) + b"\n"
+    stream = io.BytesIO(data) if source == "bytes" else OnlyRead(data, chunk=800)
+    seen: list[pa.RecordBatch] = []
+    with pytest.raises(InputError) as info:
+        for batch in read_csv_batches(stream, name=NAME, options=CsvOptions(block_size=1024)):
+            seen.append(batch)
+    assert (info.value.line, info.value.message) == (2602, "expected 2 fields, got 3")
+    assert len(seen) > 10 and len({b.schema for b in seen}) == 1
+    got = pa.Table.from_batches(seen).column("n").to_pylist()
+    assert got == list(range(len(got))) and len(got) > 2000
 
 
 def test_row_longer_than_block_is_an_input_error() -> None:
@@ -526,15 +547,21 @@ def _write(header: list[str] | None, body: list[list[str]], terminator: str) -> 
     terminator=st.sampled_from(["\n", "\r\n"]),
     block_size=st.sampled_from([SMALL_BLOCK, 1 << 20]),
     gzipped=st.booleans(),
+    seekable=st.booleans(),
 )
 def test_round_trip_of_python_csv(
-    table: tuple[list[str], list[list[str]]], terminator: str, block_size: int, gzipped: bool
+    table: tuple[list[str], list[list[str]]],
+    terminator: str,
+    block_size: int,
+    gzipped: bool,
+    seekable: bool,
 ) -> None:
     header, body = table
     data = _write(header, body, terminator)
     if gzipped:
         data = gzip.compress(data)
-    got = read(OnlyRead(data, chunk=500), name="x.csv", all_strings=True, block_size=block_size)
+    source = io.BytesIO(data) if seekable else OnlyRead(data, chunk=500)
+    got = read(source, name="x.csv", all_strings=True, block_size=block_size)
     assert got.schema.names == header
     assert [list(row.values()) for row in got.to_pylist()] == body
 
@@ -544,9 +571,10 @@ def test_round_trip_of_python_csv(
     table=_tables(min_width=2),
     padding=st.integers(0, 120),
     where=st.floats(0, 1),
+    seekable=st.booleans(),
 )
 def test_bad_row_line_number_matches_physical_line(
-    table: tuple[list[str], list[list[str]]], padding: int, where: float
+    table: tuple[list[str], list[list[str]]], padding: int, where: float, seekable: bool
 ) -> None:
     header, body = table
     # Pad with rows holding quoted newlines so the file spans several blocks.
@@ -556,7 +584,8 @@ def test_bad_row_line_number_matches_physical_line(
     after = _write(None, body[cut:], "\n")
     bad = b"B0D," * len(header) + b"B0D\n"  # one field too many
     data = before + bad + after
-    err = error(OnlyRead(data, chunk=700), name="x.csv", all_strings=True, block_size=SMALL_BLOCK)
+    source = io.BytesIO(data) if seekable else OnlyRead(data, chunk=700)
+    err = error(source, name="x.csv", all_strings=True, block_size=SMALL_BLOCK)
     assert err.line == line_of(data, bad)
     assert err.message == f"expected {len(header)} fields, got {len(header) + 1}"
 
@@ -566,15 +595,16 @@ def test_bad_row_line_number_matches_physical_line(
     notes=st.lists(_text, min_size=1, max_size=200),
     bad=st.data(),
     bad_value=st.sampled_from(["x", "1.5", "1e3", "--1", "12a"]),
+    seekable=st.booleans(),
 )
 def test_bad_value_line_number_matches_physical_line(
-    notes: list[str], bad: st.DataObject, bad_value: str
+    notes: list[str], bad: st.DataObject, bad_value: str, seekable: bool
 ) -> None:
     index = bad.draw(st.integers(0, len(notes) - 1))
     body = [[str(i) if i != index else bad_value, note] for i, note in enumerate(notes)]
     data = _write(["n", "note"], body, "\n")
     err = error(
-        OnlyRead(data, chunk=900),
+        io.BytesIO(data) if seekable else OnlyRead(data, chunk=900),
         name="x.csv",
         column_types={"n": "int", "note": "string"},
         block_size=SMALL_BLOCK,

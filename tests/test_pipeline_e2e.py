@@ -50,6 +50,21 @@ def test_put_converts_every_row(pipeline: Pipeline, tmp_path: Path) -> None:
     assert [o.key for o in pipeline.buckets["staging"].list()] == ["2026/11/customers.parquet"]
 
 
+def test_only_repetitive_columns_are_dictionary_encoded(pipeline: Pipeline, tmp_path: Path) -> None:
+    records = make_csv(tmp_path / "in.csv", 2000, seed=4)
+    pipeline.put(tmp_path / "in.csv", "bronze", "in.csv")
+    assert drain_inline(pipeline) == ["done"]
+    out = tmp_path / "staging" / "in.parquet"
+    meta = pq.ParquetFile(out).metadata
+    encoded = {
+        meta.schema.column(i).name: "RLE_DICTIONARY" in meta.row_group(0).column(i).encodings
+        for i in range(meta.num_columns)
+    }
+    # id and amount are (nearly) all distinct: a dictionary would only cost time and bytes.
+    assert encoded == {"id": False, "name": True, "country": True, "amount": False}
+    assert parquet_rows(out) == records
+
+
 def test_non_matching_objects_raise_no_messages(pipeline: Pipeline, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     event = pipeline.put(tmp_path / "notes.txt", "bronze", "notes.txt")
@@ -61,12 +76,17 @@ def test_large_file_streams_in_many_batches(
     write_pipeline: Callable[..., Path], tmp_path: Path
 ) -> None:
     text = BRONZE_TO_STAGING.replace("- read_csv\n", "- read_csv: {block_size: 4096}\n")
+    text = text.replace("{bucket: staging}", "{bucket: staging, row_group_size: 1000}")
     p = Pipeline.from_file(write_pipeline(text))
     records = make_csv(tmp_path / "big.csv", 20_000, seed=3)
     p.put(tmp_path / "big.csv", "bronze", "big.csv")
     drain_inline(p)
     out = tmp_path / "staging" / "big.parquet"
-    assert pq.ParquetFile(out).metadata.num_row_groups > 10  # really streamed
+    # Read in blocks of a few dozen rows, written in row groups of exactly
+    # row_group_size rows (not one per block), the file never held whole.
+    meta = pq.ParquetFile(out).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sizes == [1000] * 20
     assert parquet_rows(out) == records
 
 
@@ -169,6 +189,28 @@ def test_bad_inputs_end_in_the_dlq_and_good_ones_flow(pipeline: Pipeline, tmp_pa
     status = pipeline.status()
     assert status["queues"]["to-parquet"]["dead_lettered"] == len(BAD_INPUTS)
     assert pipeline.function_status()["csv-to-parquet"] == {"done": 1, "failed": len(BAD_INPUTS)}
+
+
+def test_error_deep_in_a_large_file_names_its_line_and_leaves_nothing(
+    write_pipeline: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Read fast and written row group by row group in the background, then a bad
+    row: the file still fails with its exact line, and no output or aside file stays."""
+    text = BRONZE_TO_STAGING.replace("- read_csv\n", "- read_csv: {block_size: 4096}\n")
+    text = text.replace("{bucket: staging}", "{bucket: staging, row_group_size: 1000}")
+    p = Pipeline.from_file(write_pipeline(text))
+    make_csv(tmp_path / "big.csv", 20_000, seed=5)
+    data = (tmp_path / "big.csv").read_bytes()
+    at = data.index(b"\n15000,") + 1
+    (tmp_path / "big.csv").write_bytes(data[:at] + b"oops\n" + data[at:])
+    line = data.count(b"\n", 0, at) + 1
+    p.put(tmp_path / "big.csv", "bronze", "big.csv")
+    assert drain_inline(p, rounds=2000).count("dead") == 1
+    [dead] = p.broker.queue("to-parquet-dlq").peek()
+    assert dead.failure is not None
+    assert f"bronze/big.csv:line {line}: expected 4 fields, got 1" in dead.failure["message"]
+    assert list((tmp_path / "staging").rglob("*.parquet")) == []
+    assert list((tmp_path / "staging" / ".sluiceway-tmp").glob("*")) == []
 
 
 def test_deleted_input_is_skipped_not_retried(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ Points (where the engine calls them):
 ``during_read``
     ``write_parquet``, after a record batch was read and before it is written.
 ``during_write``
-    ``write_parquet``, after a batch went into the Parquet file: the file in
-    the bucket's temporary directory has no footer yet.
+    ``write_parquet``, after a batch went to the Parquet writer (into the
+    row group it fills, or with it to the encoder thread): the file in the
+    bucket's temporary directory has no footer yet.
 ``before_publish``
     ``LocalBucket.open_write``: the object is complete and fsynced aside but
     not yet renamed into place.

@@ -21,6 +21,19 @@ numbers in its errors.  Because every block the feeder hands out ends on a
 record boundary and the feeder knows the line each block starts on, an error
 can be pinned down afterwards by re-scanning only the few blocks pyarrow had
 read but not yet delivered, without the source ever having to be seekable.
+
+The feeder is Python and runs under the GIL, which makes it the slowest part of
+a conversion (about half of pyarrow's own speed).  Most files are fine, and
+for those its precision buys nothing, so a seekable, uncompressed UTF-8 source
+that needs neither line numbers nor malformed-row handling is read optimistically
+(the *fast pass*): pyarrow's native reader straight on the file, after checking
+that the first block (the one pyarrow infers types from) is valid UTF-8, which
+together with ``check_utf8`` leaves no text unchecked.  If pyarrow fails, or
+finds no rows, the file is rewound and read again with the feeder (the *precise
+pass*), which turns the failure into the same error with file, line and field
+as if it had been read that way from the start.  Rows the fast pass already
+yielded are skipped, and the precise pass is given the fast pass's column types,
+so a consumer sees one consistent stream whichever way it ended.
 """
 
 from __future__ import annotations
@@ -194,7 +207,8 @@ def read_csv_batches(
     """Yield the rows of a CSV file as Arrow record batches, one per block.
 
     ``source`` is read sequentially and never seeked (except to rewind a
-    seekable zip file), so a network stream works; it is not closed.  ``name``
+    seekable zip file, or a seekable file whose fast pass failed: see the
+    module docstring), so a network stream works; it is not closed.  ``name``
     is how errors refer to the file.  Batches with no rows are not yielded.
 
     This is a generator: nothing is read until the first batch is asked for,
@@ -210,6 +224,134 @@ def read_csv_batches(
     in is yielded (and any that could not be placed, at the end).  A file
     whose every row is malformed then yields nothing rather than failing.
     """
+    fast = None
+    if on_malformed is None and options.line_column is None:
+        fast = _fast_pass_start(source, name, options)
+    if fast is None:
+        yield from _precise_batches(source, name, options, on_malformed)
+        return
+    origin, names = fast
+    delivered = 0
+    schema: pa.Schema | None = None
+    try:
+        for batch in _native_batches(source, options, names):
+            schema = batch.schema
+            delivered += batch.num_rows
+            yield batch
+    except (pa.ArrowException, _NotFast):
+        pass
+    else:
+        if delivered:
+            return
+    # The file is broken somewhere (or holds no rows): the precise pass finds
+    # out where, and says so exactly as if it had read the file from the start.
+    source.seek(origin)
+    precise = _precise_batches(source, name, options, None, pinned=schema)
+    yield from _skip_rows(precise, delivered, name)
+
+
+class _NotFast(Exception):
+    """The fast pass cannot vouch for what pyarrow made of the file."""
+
+
+def _fast_pass_start(
+    source: BinaryIO, name: str, options: CsvOptions
+) -> tuple[int, list[str] | None] | None:
+    """Whether the fast pass may read ``source``: (where to rewind to, names), or None.
+
+    It may for a seekable, uncompressed, UTF-8 source whose first block (the
+    one pyarrow infers types from) is valid UTF-8 and not blank; the stream is
+    left just after any BOM.  Anything else goes to the precise pass directly,
+    as do files whose blank start or compression it would have to guess at.
+    ``names`` are the column names when ``all_strings`` needs them up front.
+    """
+    if not _is_utf8(options.encoding) or options.compression not in ("auto", "none"):
+        return None
+    if options.compression == "auto" and name.lower().endswith((".gz", ".gzip", ".zip")):
+        return None
+    if not _seekable(source):
+        return None
+    try:
+        origin = source.tell()
+        head = _read_full(source, options.block_size + len(_UTF8_BOM))
+        source.seek(origin)
+    except OSError:
+        return None
+    if options.compression == "auto" and head.startswith(
+        (b"\x1f\x8b", b"PK\x03\x04", b"PK\x05\x06")
+    ):
+        return None
+    skip = len(_UTF8_BOM) if head.startswith(_UTF8_BOM) else 0
+    first = head[skip : skip + options.block_size]
+    if not first.strip(_WHITESPACE):
+        return None
+    try:
+        codecs.getincrementaldecoder("utf-8")(errors="strict").decode(first, final=False)
+    except UnicodeDecodeError:
+        return None
+    names = None
+    if options.all_strings:
+        whole = len(head) - skip <= options.block_size
+        cut = len(first) if whole else _last_record_end(first, first.count(b'"'), False)
+        names = _column_names(first[:cut], options) if cut else []
+        if not names:
+            return None
+    source.seek(origin + skip)
+    return origin, names
+
+
+def _native_batches(
+    source: BinaryIO, options: CsvOptions, names: list[str] | None
+) -> Iterator[pa.RecordBatch]:
+    """pyarrow's own streaming reader on the source, with the precise pass's options."""
+    reader = pacsv.open_csv(
+        pa.PythonFile(source, mode="r"),
+        read_options=_read_options(options),
+        parse_options=_parse_options(options),
+        convert_options=_convert_options(options, names or []),
+    )
+    try:
+        # Invalid UTF-8 in a column pyarrow infers from the first block would
+        # make it binary rather than fail; the first block was checked, so this
+        # cannot happen, but a binary column would be wrong output, not slow.
+        if any(pa.types.is_binary(field.type) for field in reader.schema):
+            raise _NotFast("a column was inferred as binary")
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            if batch.num_rows:
+                yield batch
+    finally:
+        _close_reader(reader)
+
+
+def _skip_rows(batches: Iterator[pa.RecordBatch], rows: int, name: str) -> Iterator[pa.RecordBatch]:
+    """``batches`` without their first ``rows`` rows (those the fast pass yielded)."""
+    for batch in batches:
+        if rows >= batch.num_rows:
+            rows -= batch.num_rows
+            continue
+        yield batch.slice(rows) if rows else batch
+        rows = 0
+    if rows:
+        # Both passes run the same parser with the same options on the same
+        # bytes, so this is a bug, not bad input: fail loudly rather than lose rows.
+        raise RuntimeError(
+            f"{name}: the precise CSV pass found {rows} fewer rows than the fast pass"
+        )
+
+
+def _precise_batches(
+    source: BinaryIO,
+    name: str,
+    options: CsvOptions,
+    on_malformed: Callable[[list[MalformedRow]], None] | None,
+    *,
+    pinned: pa.Schema | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """The feeder-based reader (module docstring); ``pinned`` fixes every column's type."""
     with contextlib.ExitStack() as stack:
         raw = _open_decompressed(source, name, options.compression, stack)
         utf8 = _Utf8Source(raw, name=name, encoding=options.encoding)
@@ -233,7 +375,7 @@ def read_csv_batches(
                 feeder,
                 read_options=_read_options(options),
                 parse_options=_parse_options(options, skipped),
-                convert_options=_convert_options(options, names or []),
+                convert_options=_convert_options(options, names or [], pinned),
             )
         except pa.ArrowException as exc:
             if names is None:
@@ -309,12 +451,16 @@ def _parse_options(
     )
 
 
-def _convert_options(options: CsvOptions, names: list[str]) -> pacsv.ConvertOptions:
+def _convert_options(
+    options: CsvOptions, names: list[str], pinned: pa.Schema | None = None
+) -> pacsv.ConvertOptions:
     column_types: dict[str, pa.DataType] = {}
     if options.all_strings:
         column_types.update((column, pa.string()) for column in names)
     for column, type_name in (options.column_types or {}).items():
         column_types[column] = arrow_type(type_name)
+    if pinned is not None:
+        column_types.update(zip(pinned.names, pinned.types, strict=True))
     kwargs: dict[str, Any] = {"column_types": column_types, "check_utf8": True}
     if options.null_values is not None:
         kwargs["null_values"] = list(options.null_values)

@@ -9,12 +9,15 @@ rewrites the same objects with the same bytes instead of adding copies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
@@ -56,11 +59,127 @@ def render_key(template: str, bucket: str, key: str) -> str:
     return out.lstrip("/")
 
 
+#: A row group is written once it has ``row_group_size`` rows or this many
+#: bytes of Arrow data, whichever comes first, so wide rows cannot make the
+#: two row groups in memory (one filling, one encoding) outgrow the 512 MiB
+#: budget.
+ROW_GROUP_BYTES = 64 << 20
+#: Rows of the first batch looked at to choose the columns worth a dictionary.
+DICTIONARY_SAMPLE = 1 << 16
+
+
+def dictionary_columns(batch: pa.RecordBatch) -> list[str] | bool:
+    """The columns to dictionary-encode: those whose values repeat, judged by ``batch``.
+
+    PyArrow dictionary-encodes every column by default and falls back to
+    plain encoding only once a column chunk's dictionary outgrows 1 MiB, after
+    paying for hashing every value. For columns that are mostly distinct (ids,
+    e-mail addresses, amounts) that costs more than half of their encoding
+    time and makes the file larger, not smaller. So a column gets a dictionary
+    when at most half of the sampled values are distinct; files with nested
+    columns, whose leaves this does not look at, keep PyArrow's default.
+    """
+    if any(pa.types.is_nested(field.type) for field in batch.schema):
+        return True
+    sample = batch.slice(0, DICTIONARY_SAMPLE)
+    chosen = []
+    for field, column in zip(batch.schema, sample.columns, strict=True):
+        try:
+            distinct = pc.count_distinct(column, mode="all").as_py()
+        except pa.ArrowNotImplementedError:
+            distinct = 0  # a type without hashing: leave it to PyArrow
+        if distinct * 2 <= sample.num_rows:
+            chosen.append(field.name)
+    return chosen
+
+
+class RowGroupWriter:
+    """Batches into Parquet row groups of ``row_group_size`` rows, encoded in the background.
+
+    PyArrow's ``write_batch`` makes a row group of every batch it is given, so
+    a CSV read in 4 MiB blocks became row groups of a few tens of thousands of
+    rows whatever ``row_group_size`` said: slower to write (each restarts its
+    dictionaries) and a third larger. So batches are collected (zero-copy)
+    until a row group is full, and each full one is encoded and compressed in
+    a second thread, which PyArrow runs without the GIL, while the next is
+    read: the time approaches the larger of reading and writing rather than
+    their sum. At most one row group is being encoded while the next fills.
+    """
+
+    def __init__(
+        self, f: Any, first: pa.RecordBatch, compression: str | None, row_group_size: int
+    ) -> None:
+        self._schema = first.schema
+        self._rows_per_group = row_group_size
+        self._writer = pq.ParquetWriter(
+            f,
+            self._schema,
+            compression=compression,
+            use_dictionary=dictionary_columns(first),
+        )
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sluiceway-parquet")
+        self._encoding: Future[None] | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._rows = 0
+        self._bytes = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if not batch.schema.equals(self._schema):
+            if not batch.schema.equals(self._schema, check_metadata=False):
+                # PyArrow's own error for a stream whose schema changes.
+                self._wait()
+                self._writer.write_batch(batch)
+            batch = pa.RecordBatch.from_arrays(batch.columns, schema=self._schema)
+        self._pending.append(batch)
+        self._rows += batch.num_rows
+        self._bytes += batch.nbytes
+        while self._rows >= self._rows_per_group:
+            table = pa.Table.from_batches(self._pending, self._schema)
+            self._submit(table.slice(0, self._rows_per_group))
+            rest = table.slice(self._rows_per_group)
+            self._pending, self._rows = rest.to_batches(), rest.num_rows
+            self._bytes = rest.nbytes
+        if self._bytes >= ROW_GROUP_BYTES:
+            self._submit(pa.Table.from_batches(self._pending, self._schema))
+            self._pending, self._rows, self._bytes = [], 0, 0
+
+    def finish(self) -> None:
+        """Write what is left and wait for it; errors of the encoder surface here."""
+        if self._pending:
+            self._submit(pa.Table.from_batches(self._pending, self._schema))
+            self._pending = []
+        self._wait()
+
+    def close(self) -> None:
+        """Finish the file (its footer), also after an error, and stop the thread."""
+        try:
+            with contextlib.suppress(Exception):
+                self._wait()  # an error here was raised by finish() or is moot
+            self._writer.close()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _submit(self, table: pa.Table) -> None:
+        self._wait()
+        self._encoding = self._pool.submit(
+            self._writer.write_table, table, row_group_size=self._rows_per_group
+        )
+
+    def _wait(self) -> None:
+        # No timeout: the encoder is a finite CPU job writing into our own
+        # aside file, and one that timed out could not be stopped safely (it
+        # would still be writing while the file is closed); a stuck worker is
+        # the visibility timeout's business, as for any step.
+        encoding, self._encoding = self._encoding, None
+        if encoding is not None:
+            encoding.result()
+
+
 class WriteParquetOptions(StepOptions):
     bucket: str
     key: str = "{path}.parquet"
     compression: Literal["snappy", "zstd", "gzip", "lz4", "brotli", "none"] = "snappy"
-    row_group_size: int = Field(1 << 20, ge=1)
+    row_group_size: int = Field(1 << 18, ge=1)  # Polars' default; DuckDB's is 122,880
     # Hive partitioning: column names, or {date|year|month|day|hour: column}.
     partition_by: PartitionBy | None = None
     # With partition_by: the dataset's root, from the same fields as `key`.
@@ -113,15 +232,17 @@ class WriteParquet(StepType):
             bucket = ctx.bucket(opts.bucket)
             rows = 0
             with bucket.open_write(out_key) as f:
-                writer: pq.ParquetWriter | None = None
+                writer: RowGroupWriter | None = None
                 try:
                     for batch in batches:
                         faults.point("during_read")
                         if writer is None:
-                            writer = pq.ParquetWriter(f, batch.schema, compression=compression)
-                        writer.write_batch(batch, row_group_size=opts.row_group_size)
+                            writer = RowGroupWriter(f, batch, compression, opts.row_group_size)
+                        writer.add(batch)
                         faults.point("during_write")
                         rows += batch.num_rows
+                    if writer is not None:
+                        writer.finish()
                 finally:
                     if writer is not None:
                         writer.close()
