@@ -422,7 +422,9 @@ def test_one_consumer_at_a_time_and_takeover(tmp_path: Path) -> None:
     assert [r.to_seq for r in first.poll(flush_idle=True)] == [12]
     # ...and second, waking up sure of its lease with records in hand, is fenced
     # off by the check inside the flush's own transaction: nothing is written twice.
-    second.buffer = second.stream.read(11, 2)
+    chunk = second.stream.read_events(11, 2)
+    assert chunk is not None
+    second.buffer, second.buffered = [chunk], chunk.count
     second.next_seq = 13
     second.lease.expires_at = time.time() + 100
     assert second.poll(flush_idle=True) == []

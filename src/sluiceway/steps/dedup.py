@@ -222,6 +222,8 @@ class DedupStore:
             "SELECT COUNT(*) FROM dedup_log WHERE scope = ?", (self.scope,)
         ).fetchone()
         return int(row[0])
+
+
 class DedupOptions(StepOptions):
     key: str = "event_uuid"
     window: Duration = 86_400.0
