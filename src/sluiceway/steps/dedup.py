@@ -139,6 +139,7 @@ class DedupStore:
     def __init__(self, db: StateDB, scope: str) -> None:
         self.db = db
         self.scope = scope
+        self._pending: tuple[int, list[str]] | None = None  # (first id, keys) of commit
 
     def _index(self) -> KeyIndex:
         """This process's index, brought up to date with the committed log."""
@@ -150,17 +151,37 @@ class DedupStore:
         )
         while rows := cur.fetchmany(LOAD_CHUNK):
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            top = int(ids[-1])
-            if not index.fits(len(rows), top):
-                row = self.db.conn.execute(
-                    "SELECT min(id) FROM dedup_log WHERE scope = ?", (self.scope,)
-                ).fetchone()
-                floor = int(ids[0]) if row[0] is None else int(row[0])
-                index = index.rebuilt(len(rows), floor, top)
-            index.insert(KeyIndex.hashes([r[1] for r in rows]), ids)
-            seen = top
+            index = self._absorb(index, ids, [r[1] for r in rows])
+            seen = int(ids[-1])
         per_db[self.scope] = (index, seen)
         return index
+
+    def _absorb(self, index: KeyIndex, ids: np.ndarray, keys: list[str]) -> KeyIndex:
+        """``index`` with these log rows added (grown, without purged rows, if full)."""
+        top = int(ids[-1])
+        if not index.fits(len(keys), top):
+            row = self.db.conn.execute(
+                "SELECT min(id) FROM dedup_log WHERE scope = ?", (self.scope,)
+            ).fetchone()
+            floor = int(ids[0]) if row[0] is None else int(row[0])
+            index = index.rebuilt(len(keys), floor, top)
+        index.insert(KeyIndex.hashes(keys), ids)
+        return index
+
+    def committed(self) -> None:
+        """After the transaction of ``commit`` committed: add its keys to the index
+        without reading them back. Only an optimisation: without it, the next
+        lookup reads them from the table."""
+        pending, self._pending = self._pending, None
+        per_db = _INDEXES.get(self.db, {})
+        if pending is None or self.scope not in per_db:
+            return
+        first, keys = pending
+        index, seen = per_db[self.scope]
+        if seen != first - 1 or not keys:  # someone else's rows came in between: read them
+            return
+        ids = np.arange(first, first + len(keys), dtype=np.int64)
+        per_db[self.scope] = (self._absorb(index, ids, keys), first + len(keys) - 1)
 
     def expiries(self, keys: Iterable[str]) -> dict[str, float]:
         """The stored expiry of each key that has one (expired ones included).
@@ -195,7 +216,13 @@ class DedupStore:
         watermark: float,
         purge_batch: int,
     ) -> int:
-        """Store keys (inside the flush's transaction) and purge expired ones; returns purged."""
+        """Store keys (inside the flush's transaction) and purge expired ones; returns purged.
+
+        Call ``committed`` once the transaction has committed.
+        """
+        # The write lock is ours: the rows get the ids after the last one ever given.
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dedup_log'").fetchone()
+        self._pending = ((0 if row is None else int(row[0])) + 1, list(keys))
         conn.executemany(
             "INSERT INTO dedup_log (scope, key, expires_at) VALUES (?, ?, ?)",
             [(self.scope, k, v) for k, v in keys.items()],
@@ -299,5 +326,6 @@ class Dedup(StepType):
                 store.commit(conn, kept, watermark=newest, purge_batch=opts.purge_batch)
 
             ctx.on_commit.append(commit)
+            ctx.after_commit.append(store.committed)
 
         return dedup

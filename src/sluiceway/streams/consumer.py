@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sluiceway.streams")
 
-READ_CHUNK = 5_000  # records read per poll: other functions get their turn between reads
+READ_CHUNK = 5_000  # records read at a time (a poll reads up to one flush)
 TRIM_BATCH = 10_000  # records trimmed per flush, so a trim never holds the lock for long
 RETRY_MAX = 60.0
 
@@ -73,7 +73,8 @@ class FlushContext(StepContext):
     """The StepContext of one flush: a seq range of one stream, for one function.
 
     Steps that take part in the exactly-once commit use the extra fields:
-    ``on_commit`` hooks run inside the commit transaction (dedup keys), and
+    ``on_commit`` hooks run inside the commit transaction (dedup keys),
+    ``after_commit`` ones once it has committed (caches of what it wrote), and
     ``plan_outputs`` must be called with every object key *before* the first
     one is written (the dataset writer), so a crash can be replayed.
     """
@@ -84,6 +85,7 @@ class FlushContext(StepContext):
     to_seq: int = 0
     replay: bool = False
     on_commit: list[Callable[[sqlite3.Connection], None]] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
     plan_outputs: Callable[[list[dict[str, str]]], None] | None = None
     by_event_name: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -216,16 +218,19 @@ class StreamConsumer:
             results.append(self._replay(intent))
         if self.next_seq is None:
             self.next_seq = self.stream.checkpoint(self.function) + 1
-        room = self.flush_records - self.buffered
-        want = min(room, READ_CHUNK)
-        got = self.stream.read_events(self.next_seq, want) if want > 0 else None
-        if got is not None:
-            if not self.buffer:
-                self.buffered_since = time.monotonic()
-            self.buffer.append(got)
-            self.buffered += got.count
-            self.next_seq = got.last_seq + 1
-        caught_up = want > 0 and (got is None or got.count < want)
+        # Read until the flush is full or the stream caught up: a poll that
+        # leaves records behind would make the worker idle with work waiting.
+        caught_up = False
+        while not caught_up and self.buffered < self.flush_records:
+            want = min(self.flush_records - self.buffered, READ_CHUNK)
+            got = self.stream.read_events(self.next_seq, want)
+            caught_up = got is None or got.count < want
+            if got is not None:
+                if not self.buffer:
+                    self.buffered_since = time.monotonic()
+                self.buffer.append(got)
+                self.buffered += got.count
+                self.next_seq = got.last_seq + 1
         if self.buffer and (
             self.buffered >= self.flush_records
             or time.monotonic() - self.buffered_since >= self.flush_seconds
@@ -439,6 +444,8 @@ class StreamConsumer:
             )
             if same_db:
                 self._record_in_ledger(key, info)
+        for after in ctx.after_commit:
+            after()
         if not same_db:  # a remote ledger cannot join; it only keeps the record for summaries
             self._record_in_ledger(key, info)
 

@@ -239,10 +239,7 @@ def _plain_text(fragment: pa.Array) -> pa.Array | None:
     (it has an ASCII letter or digit): what ``check_event`` accepts as is."""
     if fragment.null_count:
         return None
-    ok = pc.and_(
-        pc.match_substring_regex(fragment, r'^"[^"\\]*"$'),
-        pc.match_substring_regex(fragment, "[0-9A-Za-z]"),
-    )
+    ok = pc.match_substring_regex(fragment, r'^"[^"\\]*[0-9A-Za-z][^"\\]*"$')
     text = pc.utf8_slice_codeunits(fragment, 1, -1)
     ok = pc.and_(ok, pc.less_equal(pc.utf8_length(text), MAX_TEXT))
     return text if pc.all(ok).as_py() else None
