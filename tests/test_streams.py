@@ -293,6 +293,18 @@ def test_dedup_store_is_exact_across_processes_and_hash_collisions(tmp_path: Pat
     with other.db.transaction() as conn:
         theirs.commit(conn, {"k1": 9_000.0, "late": 5.0}, watermark=0, purge_batch=1)
     assert store.expiries(["k1", "late"]) == {"k1": 9_000.0, "late": 5.0}
+    # A flush tells its store once the commit went through; the index takes the
+    # keys as they are, unless other rows came in between: then it reads them.
+    with other.db.transaction() as conn:
+        theirs.commit(conn, {"theirs": 7.0}, watermark=0, purge_batch=1)
+    with p.db.transaction() as conn:
+        store.commit(conn, {"mine": 8.0}, watermark=0, purge_batch=1)
+    store.committed()
+    assert store.expiries(["theirs", "mine"]) == {"theirs": 7.0, "mine": 8.0}
+    with p.db.transaction() as conn:
+        store.commit(conn, {"next": 9.0}, watermark=0, purge_batch=1)
+    store.committed()
+    assert store.expiries(["next", "mine"]) == {"next": 9.0, "mine": 8.0}
     assert DedupStore(p.db, "g:event_uuid").expiries(["k1"]) == {}  # scopes are apart
     # Every key hashing alike: the index offers every entry, the stored key decides.
     with mock.patch("sluiceway.steps.dedup.hash", lambda k: 42, create=True):

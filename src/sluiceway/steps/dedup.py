@@ -296,24 +296,26 @@ class Dedup(StepType):
                             file=ctx.input_name,
                             field=column,
                         )
-                keys = batch.column(opts.key).to_pylist()
+                column = batch.column(opts.key)
+                keys = column.to_pylist()
+                if not pa.types.is_string(column.type):  # keys compare as text
+                    keys = [None if k is None else str(k) for k in keys]
                 times = _seconds(batch.column(TIME_COLUMN))
-                stored = store.expiries(
-                    str(k) for k in keys if k is not None and str(k) not in kept
-                )
+                if times:
+                    newest = max(newest, max(times))
+                stored = store.expiries(k for k in keys if k is not None and k not in kept)
                 mask: list[bool] = []
-                for key, at in zip(keys, times, strict=True):
-                    newest = max(newest, at)
-                    if key is None:  # nothing to compare: never a duplicate
-                        mask.append(True)
+                keep, window = mask.append, opts.window
+                for k, at in zip(keys, times, strict=True):
+                    if k is None:  # nothing to compare: never a duplicate
+                        keep(True)
                         continue
-                    k = str(key)
                     expires = kept.get(k, stored.get(k))
                     if expires is not None and expires > at:
-                        mask.append(False)
+                        keep(False)
                     else:
-                        kept[k] = at + opts.window
-                        mask.append(True)
+                        kept[k] = at + window
+                        keep(True)
                 dropped = len(mask) - sum(mask)
                 if dropped:
                     ctx.count("duplicates", dropped)

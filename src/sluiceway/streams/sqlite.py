@@ -17,7 +17,7 @@ from typing import Any
 
 from ..state import StateDB
 from .base import CheckpointConflict, Record, Stream
-from .events import EventChunk, fragments_to_batch
+from .events import EventChunk, encode_json, fragments_to_batch
 
 # Each field of the stored JSON as a JSON fragment, parsed in SQLite's C code,
 # and whether the record has no other fields: what fragments_to_batch needs.
@@ -41,7 +41,7 @@ class SqliteStream(Stream):
     def append(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
         if not records:
             return []
-        rows = [json.dumps(r, separators=(",", ":"), ensure_ascii=False) for r in records]
+        rows = [encode_json(r) for r in records]
         conn = self.db.conn
         if not conn.in_transaction:  # SQLite refuses to change it inside one
             # Per connection: commits on this connection wait for the fsync.
