@@ -250,10 +250,7 @@ def test_expired_keys_are_purged_in_bounded_batches(tmp_path: Path) -> None:
     p = make_pipeline(tmp_path)
     store = DedupStore(p.db, "f:event_uuid")
     with p.db.transaction() as conn:
-        conn.executemany(
-            "INSERT INTO dedup_keys (scope, key, expires_at) VALUES (?, ?, ?)",
-            [(store.scope, f"k{i}", float(i)) for i in range(5_000)],
-        )
+        store.commit(conn, {f"k{i}": float(i) for i in range(5_000)}, watermark=-1, purge_batch=1)
     with p.db.transaction() as conn:
         purged = store.commit(conn, {"new": 10_000.0}, watermark=4_000.0, purge_batch=300)
     assert purged == 300 and store.count() == 5_000 - 300 + 1
@@ -269,16 +266,80 @@ def test_dedup_lookups_and_purges_use_indexes(tmp_path: Path) -> None:
         " ".join(
             str(r[-1])
             for r in p.db.conn.execute(
-                "EXPLAIN QUERY PLAN " + sql, ("s", *(["k"] * (sql.count("?") - 1)))
+                "EXPLAIN QUERY PLAN " + sql, ("s", *([1] * (sql.count("?") - 1)))
             )
         )
         for sql in (
-            "SELECT key, expires_at FROM dedup_keys WHERE scope = ? AND key IN (?, ?)",
-            "SELECT key FROM dedup_keys WHERE scope = ? AND expires_at <= ? LIMIT ?",
+            "SELECT id, key FROM dedup_log WHERE scope = ? AND id > ? ORDER BY id",
+            "DELETE FROM dedup_log WHERE id IN (SELECT id FROM dedup_log WHERE scope = ?"
+            " ORDER BY id LIMIT ?) AND expires_at <= ?",
         )
     ]
-    assert "PRIMARY KEY" in plans[0] and "SCAN" not in plans[0]
-    assert "dedup_keys_expiry" in plans[1] and "SCAN" not in plans[1]
+    assert all("dedup_log_scope" in plan and "TEMP B-TREE" not in plan for plan in plans), plans
+
+
+def test_dedup_store_is_exact_across_processes_and_hash_collisions(tmp_path: Path) -> None:
+    """Every hit of the in-memory index is confirmed against the stored key, keys
+    committed by another connection are found, and a key stored again after it
+    expired gives its newest expiry."""
+    p = make_pipeline(tmp_path)
+    store = DedupStore(p.db, "f:event_uuid")
+    with p.db.transaction() as conn:
+        store.commit(conn, {f"k{i}": 100.0 + i for i in range(3_000)}, watermark=0, purge_batch=1)
+    assert store.expiries(["k0", "k2999", "nope"]) == {"k0": 100.0, "k2999": 3099.0}
+    other = Pipeline.from_file(tmp_path / "sluiceway.yaml")  # another process's view
+    theirs = DedupStore(other.db, store.scope)
+    assert theirs.expiries(["k1"]) == {"k1": 101.0}
+    with other.db.transaction() as conn:
+        theirs.commit(conn, {"k1": 9_000.0, "late": 5.0}, watermark=0, purge_batch=1)
+    assert store.expiries(["k1", "late"]) == {"k1": 9_000.0, "late": 5.0}
+    # A flush tells its store once the commit went through; the index takes the
+    # keys as they are, unless other rows came in between: then it reads them.
+    with other.db.transaction() as conn:
+        theirs.commit(conn, {"theirs": 7.0}, watermark=0, purge_batch=1)
+    with p.db.transaction() as conn:
+        store.commit(conn, {"mine": 8.0}, watermark=0, purge_batch=1)
+    store.committed()
+    assert store.expiries(["theirs", "mine"]) == {"theirs": 7.0, "mine": 8.0}
+    with p.db.transaction() as conn:
+        store.commit(conn, {"next": 9.0}, watermark=0, purge_batch=1)
+    store.committed()
+    assert store.expiries(["next", "mine"]) == {"next": 9.0, "mine": 8.0}
+    assert DedupStore(p.db, "g:event_uuid").expiries(["k1"]) == {}  # scopes are apart
+    # Every key hashing alike: the index offers every entry, the stored key decides.
+    with mock.patch("sluiceway.steps.dedup.hash", lambda k: 42, create=True):
+        from sluiceway.steps import dedup as module
+
+        module._INDEXES.clear()
+        assert store.expiries(["k7", "k8", "nope"]) == {"k7": 107.0, "k8": 108.0}
+
+
+def test_dedup_index_keeps_up_as_the_log_grows_and_is_purged(tmp_path: Path) -> None:
+    p = make_pipeline(tmp_path)
+    store = DedupStore(p.db, "f:event_uuid")
+    for b in range(12):  # grows the index several times, purging the oldest on the way
+        with p.db.transaction() as conn:
+            keys = {f"b{b}k{i}": float(b) for i in range(2_000)}
+            store.commit(conn, keys, watermark=b - 3.0, purge_batch=4_000)
+        assert len(store.expiries(keys)) == 2_000
+    assert store.count() == 3 * 2_000  # batches 9..11 are left
+    assert store.expiries(["b0k0", "b8k1", "b9k1"]) == {"b9k1": 9.0}
+
+
+def test_old_dedup_keys_move_into_the_log(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE dedup_keys (scope TEXT, key TEXT, expires_at REAL)")
+    conn.executemany("INSERT INTO dedup_keys VALUES ('s', ?, ?)", [("b", 2.0), ("a", 1.0)])
+    conn.commit()
+    conn.close()
+    from sluiceway.state import StateDB
+
+    state = StateDB(db)
+    assert DedupStore(state, "s").expiries(["a", "b"]) == {"a": 1.0, "b": 2.0}
+    assert [r[0] for r in state.conn.execute("SELECT key FROM dedup_log ORDER BY id")] == ["a", "b"]
 
 
 def reference(events: list[tuple[str, float]], window: float) -> list[tuple[str, int]]:
@@ -373,7 +434,9 @@ def test_one_consumer_at_a_time_and_takeover(tmp_path: Path) -> None:
     assert [r.to_seq for r in first.poll(flush_idle=True)] == [12]
     # ...and second, waking up sure of its lease with records in hand, is fenced
     # off by the check inside the flush's own transaction: nothing is written twice.
-    second.buffer = second.stream.read(11, 2)
+    chunk = second.stream.read_events(11, 2)
+    assert chunk is not None
+    second.buffer, second.buffered = [chunk], chunk.count
     second.next_seq = 13
     second.lease.expires_at = time.time() + 100
     assert second.poll(flush_idle=True) == []

@@ -138,14 +138,16 @@ CREATE TABLE IF NOT EXISTS stream_flushes (
     files       TEXT NOT NULL,
     created_at  REAL NOT NULL
 );
--- Dedup keys with expiry (stream arrival time + window); purged by the index.
-CREATE TABLE IF NOT EXISTS dedup_keys (
+-- Dedup keys in arrival order (steps/dedup.py): appended at the end, expired
+-- ones purged from the front, looked up through an in-memory index. The ids
+-- never repeat (AUTOINCREMENT), so a reader can follow the table by id.
+CREATE TABLE IF NOT EXISTS dedup_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     scope       TEXT NOT NULL,
     key         TEXT NOT NULL,
-    expires_at  REAL NOT NULL,
-    PRIMARY KEY (scope, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_keys_expiry ON dedup_keys (scope, expires_at);
+    expires_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dedup_log_scope ON dedup_log (scope, id);
 -- Running counts per stream function and event name (totals under '*').
 CREATE TABLE IF NOT EXISTS stream_stats (
     consumer    TEXT NOT NULL,
@@ -170,6 +172,19 @@ def _statements(script: str) -> list[str]:
     return out
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a state database written by an earlier version up to this schema."""
+    old = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedup_keys'"
+    ).fetchone()
+    if old is not None:  # dedup keys by key → in arrival (expiry) order
+        conn.execute(
+            "INSERT INTO dedup_log (scope, key, expires_at)"
+            " SELECT scope, key, expires_at FROM dedup_keys ORDER BY scope, expires_at"
+        )
+        conn.execute("DROP TABLE dedup_keys")
+
+
 class StateLocked(SluicewayError):
     """The state database stayed locked by another process past the deadline."""
 
@@ -185,6 +200,7 @@ class StateDB:
         with self.transaction() as conn:
             for statement in _statements(SCHEMA):
                 conn.execute(statement)
+            _migrate(conn)
 
     @property
     def conn(self) -> sqlite3.Connection:

@@ -5,14 +5,22 @@ Every backend of ``sluiceway.streams.base.Stream`` must pass this suite.
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sluiceway.state import StateDB
 from sluiceway.streams.base import CheckpointConflict, Stream
+from sluiceway.streams.events import EventChunk, check_event, check_events, fragments_to_batch
 from sluiceway.streams.sqlite import SqliteStream
 
 
@@ -146,3 +154,80 @@ def test_concurrent_appenders_get_unique_gapless_seqs(make: Callable[..., Stream
         assert [r.data["i"] for r in mine[::2]] == list(range(per_writer))
         for first, second in zip(mine[::2], mine[1::2], strict=True):
             assert second.seq == first.seq + 1 and second.data.get("second")
+
+
+_text = (
+    st.from_regex(r"[0-9A-Za-z][\w\-. é]{0,12}", fullmatch=True)
+    | st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
+    | st.sampled_from([" padded ", "\u2028x", 'q"uote', "back\\slash", "\t", "x" * 257])
+)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8,
+)
+_events = st.fixed_dictionaries(
+    {
+        "event_uuid": _text,
+        "event_name": _text,
+        "created_at": st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))]))
+        .filter(lambda d: d.astimezone(UTC).year >= 1000)
+        .map(lambda d: d.isoformat()),
+    },
+    optional={"payload": _json},
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(events=st.lists(_events, min_size=1, max_size=8), raw=st.lists(_json, max_size=2))
+def test_read_events_is_read_turned_into_events(
+    make: Callable[..., Stream], events: list[dict[str, Any]], raw: list[Any]
+) -> None:
+    """A backend's own read_events gives exactly the batch and rejections that the
+    record-by-record path gives: for events as ingest stores them (checked and
+    normalised), and for anything appended without the check."""
+    stream = make(f"s{uuid.uuid4().hex[:8]}")
+    good = [e for e in events if not check_event(e, 0)[1]]
+    stream.append(check_events(good))
+    stream.append([r if isinstance(r, dict) else {"not": r} for r in raw])
+    stream.append(good[:1])  # valid, but not normalised
+    last = stream.last_seq()
+    for start, size in itertools.product(range(1, last + 1), (1, 2, last)):
+        got = stream.read_events(start, size)
+        want = EventChunk.of(stream.read(start, size))
+        assert got is not None and want is not None
+        assert (got.first_seq, got.last_seq, got.count) == (
+            want.first_seq,
+            want.last_seq,
+            want.count,
+        )
+        assert got.batch.equals(want.batch) and got.rejected == want.rejected
+
+
+def test_read_events_of_plain_events_is_vectorised() -> None:
+    """The fast path is taken for ordinary events (else the test above proves nothing)."""
+    events = check_events(
+        [
+            {
+                "event_uuid": f"u{i}",
+                "event_name": "x",
+                "created_at": "2026-11-24T10:00:00Z",
+                "payload": {"n": i, "s": "é\n"},
+            }
+            for i in range(3)
+        ]
+    )
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    batch = fragments_to_batch(
+        [1.5] * 3,
+        [encode(e["event_uuid"]) for e in events],
+        [encode(e["event_name"]) for e in events],
+        [encode(e["created_at"]) for e in events],
+        [encode(e["payload"]) for e in events],
+        [1] * 3,
+    )
+    assert batch is not None and batch.column("payload")[2].as_py() == '{"n":2,"s":"é\\n"}'
+    assert fragments_to_batch([1.5], ['"u"'], ['"x"'], ['"2026-02-30T10:00:00.000000Z"'],
+                              [None], [1]) is None  # fmt: skip

@@ -31,6 +31,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -207,17 +208,30 @@ class WriteDataset(StepType):
         partitioning = ds.partitioning(
             pa.schema([pa.field(p, values[p].type) for p in part_names]), flavor="hive"
         )
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, combo in enumerate(zip(*(values[p].to_pylist() for p in part_names), strict=True)):
-            groups.setdefault(combo, []).append(i)
+        # One code per row for its combination of partition values (nulls included),
+        # then a stable sort: each partition's rows, still in stream order.
+        code = np.zeros(table.num_rows, np.int64)
+        dictionaries = []
+        for p in part_names:
+            encoded = pc.dictionary_encode(values[p], null_encoding="encode")
+            if isinstance(encoded, pa.ChunkedArray):
+                encoded = encoded.combine_chunks()
+            dictionaries.append(encoded.dictionary.to_pylist())
+            code = code * len(encoded.dictionary) + encoded.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(code, kind="stable")
+        starts = np.flatnonzero(np.diff(code[order], prepend=-1))
         data = table.drop_columns([p for p in part_names if p in table.schema.names])
         out: list[tuple[str, pa.Table]] = []
-        for combo, rows in groups.items():
+        for rows in np.split(order, starts[1:]):
+            c, combo = int(code[rows[0]]), []
+            for values_of in reversed(dictionaries):
+                c, i = divmod(c, len(values_of))
+                combo.append(values_of[i])
             expr = None
-            for p, v in zip(part_names, combo, strict=True):
+            for p, v in zip(part_names, reversed(combo), strict=True):
                 term = pc.field(p).is_null() if v is None else pc.field(p) == v
                 expr = term if expr is None else expr & term
             directory, _ = partitioning.format(expr)
             root = f"{opts.prefix}/{directory}" if opts.prefix else directory
-            out.append((f"{root}/{name}", data.take(pa.array(rows, pa.int64()))))
+            out.append((f"{root}/{name}", data.take(pa.array(rows))))
         return sorted(out, key=lambda item: item[0])

@@ -7,21 +7,29 @@ clock at processing time: a flush replayed after a crash, an hour later,
 takes exactly the same decisions, which the exactly-once flush relies on.
 The window runs from the *first* arrival; duplicates do not extend it.
 
-Keys live in ``dedup_keys`` (state database) with their expiry. Lookups go
-by primary key and expired keys are purged through an index on the expiry,
-at most ``purge_batch`` (at least twice the keys added) per flush, inside
-the flush's commit: the table stays as large as one window of traffic and
-a lookup costs the same whether it holds a thousand keys or ten million.
-Purging only what expired before the newest committed arrival keeps replays
-exact: every later record arrives at or after that time.
+Keys live in ``dedup_log`` (state database) in arrival order: a flush appends
+its new keys at the end of the table and purges expired ones from its front
+(at most ``purge_batch``, at least twice the keys added, inside the flush's
+commit), so writes touch the same few pages however many keys the table
+holds. A table keyed by the random keys themselves would dirty a page per
+key once it outgrows the page cache, and get slower as it fills.
+
+Lookups go through ``KeyIndex``, an in-memory hash index of the log (12
+bytes a slot, under 35 bytes a key) that each process builds from the table
+and then follows by reading only rows newer than it has seen. The table is
+the truth: the index holds nothing the table does not, and every hit is
+confirmed by comparing the stored key, so a hash collision can never drop
+an event.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -34,8 +42,95 @@ from .base import Batches, StepContext, StepFn, StepOptions, StepType, register
 if TYPE_CHECKING:
     from ..config import PipelineConfig
 
-LOOKUP_CHUNK = 500  # keys per IN (...) query: well under SQLite's variable limit
+LOOKUP_CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
+LOAD_CHUNK = 100_000  # log rows read at a time while building an index
 TIME_COLUMN = "received_at"
+
+
+class KeyIndex:
+    """An in-memory multimap from a key's 64-bit hash to the log ids it was stored under.
+
+    Open addressing with linear probing over two parallel numpy arrays (the
+    hash, 0 meaning empty, and the id as an offset from ``base``). Inserting
+    or probing a whole batch is a few vectorised rounds, one per probe step,
+    so it costs the same with a thousand keys as with ten million. A hit is
+    only a candidate: the caller compares the stored key. Entries are never
+    removed one by one; ``rebuilt`` drops purged ones whenever the table grows.
+    """
+
+    MAX_LOAD = 0.7
+
+    def __init__(self, capacity: int = 1 << 12, base: int = 0) -> None:
+        self.hash = np.zeros(capacity, np.uint64)
+        self.off = np.zeros(capacity, np.uint32)
+        self.mask = capacity - 1
+        self.base = base
+        self.size = 0
+
+    @staticmethod
+    def hashes(keys: Sequence[str]) -> np.ndarray:
+        """Non-zero 64-bit hashes (this process's ``hash``: the index is never stored)."""
+        h = np.fromiter(map(hash, keys), np.int64, len(keys)).view(np.uint64)
+        h[h == 0] = 1
+        return h
+
+    def fits(self, n: int, top_id: int) -> bool:
+        """Room for ``n`` more entries, ids up to ``top_id``, without growing."""
+        return self.size + n <= self.MAX_LOAD * len(self.hash) and top_id - self.base < 2**32
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        used = self.hash != 0
+        return self.hash[used], self.off[used].astype(np.int64) + self.base
+
+    def rebuilt(self, extra: int, floor: int, top_id: int) -> KeyIndex:
+        """A copy without entries below ``floor`` (purged), with room for ``extra`` more."""
+        h, ids = self.entries()
+        live = ids >= floor
+        h, ids = h[live], ids[live]
+        capacity = len(self.hash)
+        while len(h) + extra > self.MAX_LOAD * capacity:
+            capacity *= 2
+        out = KeyIndex(capacity, base=min(floor, top_id))
+        out.insert(h, ids)
+        return out
+
+    def insert(self, h: np.ndarray, ids: np.ndarray) -> None:
+        slot = (h & np.uint64(self.mask)).astype(np.int64)
+        off = (ids - self.base).astype(np.uint32)
+        pending = np.arange(len(h))
+        placed = np.zeros(len(h), bool)
+        while pending.size:
+            s = slot[pending]
+            free = self.hash[s] == 0
+            taken, first = np.unique(s[free], return_index=True)  # one winner per slot
+            winners = pending[free][first]
+            self.hash[taken] = h[winners]
+            self.off[taken] = off[winners]
+            placed[winners] = True
+            pending = pending[~placed[pending]]
+            slot[pending] = (slot[pending] + 1) & self.mask
+        self.size += len(h)
+
+    def lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in ``h``, log id) of every entry stored under the same hash."""
+        slot = (h & np.uint64(self.mask)).astype(np.int64)
+        where, ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        pending = np.arange(len(h))
+        while pending.size:
+            s = slot[pending]
+            stored = self.hash[s]
+            hit = stored == h[pending]
+            where.append(pending[hit])
+            ids.append(self.off[s[hit]].astype(np.int64) + self.base)
+            pending = pending[stored != 0]
+            slot[pending] = (slot[pending] + 1) & self.mask
+        return np.concatenate(where), np.concatenate(ids)
+
+
+# One index per (state database, scope) in this process, shared by every flush.
+_INDEXES: weakref.WeakKeyDictionary[StateDB, dict[str, tuple[KeyIndex, int]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class DedupStore:
@@ -44,20 +139,73 @@ class DedupStore:
     def __init__(self, db: StateDB, scope: str) -> None:
         self.db = db
         self.scope = scope
+        self._pending: tuple[int, list[str]] | None = None  # (first id, keys) of commit
+
+    def _index(self) -> KeyIndex:
+        """This process's index, brought up to date with the committed log."""
+        per_db = _INDEXES.setdefault(self.db, {})
+        index, seen = per_db.get(self.scope, (KeyIndex(), 0))
+        cur = self.db.conn.execute(
+            "SELECT id, key FROM dedup_log WHERE scope = ? AND id > ? ORDER BY id",
+            (self.scope, seen),
+        )
+        while rows := cur.fetchmany(LOAD_CHUNK):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            index = self._absorb(index, ids, [r[1] for r in rows])
+            seen = int(ids[-1])
+        per_db[self.scope] = (index, seen)
+        return index
+
+    def _absorb(self, index: KeyIndex, ids: np.ndarray, keys: list[str]) -> KeyIndex:
+        """``index`` with these log rows added (grown, without purged rows, if full)."""
+        top = int(ids[-1])
+        if not index.fits(len(keys), top):
+            row = self.db.conn.execute(
+                "SELECT min(id) FROM dedup_log WHERE scope = ?", (self.scope,)
+            ).fetchone()
+            floor = int(ids[0]) if row[0] is None else int(row[0])
+            index = index.rebuilt(len(keys), floor, top)
+        index.insert(KeyIndex.hashes(keys), ids)
+        return index
+
+    def committed(self) -> None:
+        """After the transaction of ``commit`` committed: add its keys to the index
+        without reading them back. Only an optimisation: without it, the next
+        lookup reads them from the table."""
+        pending, self._pending = self._pending, None
+        per_db = _INDEXES.get(self.db, {})
+        if pending is None or self.scope not in per_db:
+            return
+        first, keys = pending
+        index, seen = per_db[self.scope]
+        if seen != first - 1 or not keys:  # someone else's rows came in between: read them
+            return
+        ids = np.arange(first, first + len(keys), dtype=np.int64)
+        per_db[self.scope] = (self._absorb(index, ids, keys), first + len(keys) - 1)
 
     def expiries(self, keys: Iterable[str]) -> dict[str, float]:
-        """The stored expiry of each key that has one (expired ones included)."""
+        """The stored expiry of each key that has one (expired ones included).
+
+        A key stored more than once (seen again after it expired) gives its
+        newest expiry.
+        """
         wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        _, ids = self._index().lookup(KeyIndex.hashes(wanted))
+        wanted_set = set(wanted)
         out: dict[str, float] = {}
         conn = self.db.conn
-        for i in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[i : i + LOOKUP_CHUNK]
+        id_list = sorted(set(ids.tolist()))
+        for i in range(0, len(id_list), LOOKUP_CHUNK):
+            chunk = id_list[i : i + LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             for key, expires_at in conn.execute(
-                f"SELECT key, expires_at FROM dedup_keys WHERE scope = ? AND key IN ({marks})",
-                (self.scope, *chunk),
+                f"SELECT key, expires_at FROM dedup_log WHERE id IN ({marks})", chunk
             ):
-                out[key] = expires_at
+                # The stored key decides, not its hash.
+                if key in wanted_set and expires_at > out.get(key, -np.inf):
+                    out[key] = expires_at
         return out
 
     def commit(
@@ -68,23 +216,37 @@ class DedupStore:
         watermark: float,
         purge_batch: int,
     ) -> int:
-        """Store keys (inside the flush's transaction) and purge expired ones; returns purged."""
+        """Store keys (inside the flush's transaction) and purge expired ones; returns purged.
+
+        Call ``committed`` once the transaction has committed.
+        """
+        # The write lock is ours: the rows get the ids after the last one ever given.
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dedup_log'").fetchone()
+        self._pending = ((0 if row is None else int(row[0])) + 1, list(keys))
         conn.executemany(
-            "INSERT OR REPLACE INTO dedup_keys (scope, key, expires_at) VALUES (?, ?, ?)",
+            "INSERT INTO dedup_log (scope, key, expires_at) VALUES (?, ?, ?)",
             [(self.scope, k, v) for k, v in keys.items()],
         )
         return self.purge(conn, watermark, max(purge_batch, 2 * len(keys)))
 
     def purge(self, conn: sqlite3.Connection, before: float, limit: int) -> int:
+        """Delete keys that expired at or before ``before``, from the oldest on.
+
+        Only the ``limit`` oldest keys are looked at, so a purge with nothing
+        to do costs the same in any table. Expiry follows arrival order (one
+        window per scope), so the oldest keys are the expired ones; after a
+        change of window a few may wait for the front to reach them, which
+        is harmless: a lookup compares expiries, it never assumes a purge.
+        """
         return conn.execute(
-            "DELETE FROM dedup_keys WHERE scope = ? AND key IN ("
-            " SELECT key FROM dedup_keys WHERE scope = ? AND expires_at <= ? LIMIT ?)",
-            (self.scope, self.scope, before, limit),
+            "DELETE FROM dedup_log WHERE id IN (SELECT id FROM dedup_log WHERE scope = ?"
+            " ORDER BY id LIMIT ?) AND expires_at <= ?",
+            (self.scope, limit, before),
         ).rowcount
 
     def count(self) -> int:
         row = self.db.conn.execute(
-            "SELECT COUNT(*) FROM dedup_keys WHERE scope = ?", (self.scope,)
+            "SELECT COUNT(*) FROM dedup_log WHERE scope = ?", (self.scope,)
         ).fetchone()
         return int(row[0])
 
@@ -134,24 +296,26 @@ class Dedup(StepType):
                             file=ctx.input_name,
                             field=column,
                         )
-                keys = batch.column(opts.key).to_pylist()
+                column = batch.column(opts.key)
+                keys = column.to_pylist()
+                if not pa.types.is_string(column.type):  # keys compare as text
+                    keys = [None if k is None else str(k) for k in keys]
                 times = _seconds(batch.column(TIME_COLUMN))
-                stored = store.expiries(
-                    str(k) for k in keys if k is not None and str(k) not in kept
-                )
+                if times:
+                    newest = max(newest, max(times))
+                stored = store.expiries(k for k in keys if k is not None and k not in kept)
                 mask: list[bool] = []
-                for key, at in zip(keys, times, strict=True):
-                    newest = max(newest, at)
-                    if key is None:  # nothing to compare: never a duplicate
-                        mask.append(True)
+                keep, window = mask.append, opts.window
+                for k, at in zip(keys, times, strict=True):
+                    if k is None:  # nothing to compare: never a duplicate
+                        keep(True)
                         continue
-                    k = str(key)
                     expires = kept.get(k, stored.get(k))
                     if expires is not None and expires > at:
-                        mask.append(False)
+                        keep(False)
                     else:
-                        kept[k] = at + opts.window
-                        mask.append(True)
+                        kept[k] = at + window
+                        keep(True)
                 dropped = len(mask) - sum(mask)
                 if dropped:
                     ctx.count("duplicates", dropped)
@@ -164,5 +328,6 @@ class Dedup(StepType):
                 store.commit(conn, kept, watermark=newest, purge_batch=opts.purge_batch)
 
             ctx.on_commit.append(commit)
+            ctx.after_commit.append(store.committed)
 
         return dedup

@@ -15,9 +15,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SluicewayError
+
+if TYPE_CHECKING:
+    from .events import EventChunk
 
 
 class CheckpointConflict(SluicewayError):
@@ -55,6 +58,16 @@ class Stream(abc.ABC):
     @abc.abstractmethod
     def read(self, from_seq: int, max_records: int = 1000) -> list[Record]:
         """Up to ``max_records`` records with ``seq >= from_seq``, in seq order."""
+
+    def read_events(self, from_seq: int, max_records: int = 1000) -> EventChunk | None:
+        """What ``read`` returns, as one Arrow batch of events (None when there is nothing).
+
+        A backend may override it to build the batch without a Python object
+        per record; the result must be the one this gives.
+        """
+        from .events import EventChunk
+
+        return EventChunk.of(self.read(from_seq, max_records))
 
     @abc.abstractmethod
     def last_seq(self) -> int:

@@ -45,8 +45,8 @@ from ..events import Event
 from ..ledger import Claim, SqliteLedger
 from ..steps import STEPS, parse_step
 from ..steps.base import StepContext, StepFn
-from .base import CheckpointConflict, Record
-from .events import records_to_batch
+from .base import CheckpointConflict
+from .events import EventChunk
 from .lease import Lease, LeaseLost
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sluiceway.streams")
 
-READ_CHUNK = 5_000  # records read per poll: other functions get their turn between reads
+READ_CHUNK = 5_000  # records read at a time (a poll reads up to one flush)
 TRIM_BATCH = 10_000  # records trimmed per flush, so a trim never holds the lock for long
 RETRY_MAX = 60.0
 
@@ -73,7 +73,8 @@ class FlushContext(StepContext):
     """The StepContext of one flush: a seq range of one stream, for one function.
 
     Steps that take part in the exactly-once commit use the extra fields:
-    ``on_commit`` hooks run inside the commit transaction (dedup keys), and
+    ``on_commit`` hooks run inside the commit transaction (dedup keys),
+    ``after_commit`` ones once it has committed (caches of what it wrote), and
     ``plan_outputs`` must be called with every object key *before* the first
     one is written (the dataset writer), so a crash can be replayed.
     """
@@ -84,6 +85,7 @@ class FlushContext(StepContext):
     to_seq: int = 0
     replay: bool = False
     on_commit: list[Callable[[sqlite3.Connection], None]] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
     plan_outputs: Callable[[list[dict[str, str]]], None] | None = None
     by_event_name: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -153,7 +155,8 @@ class StreamConsumer:
             ttl=self.stream_config.lease_timeout,
             owner=worker_id,
         )
-        self.buffer: list[Record] = []
+        self.buffer: list[EventChunk] = []
+        self.buffered = 0  # records in the buffer
         self.buffered_since = 0.0
         self.next_seq: int | None = None
         self.failures = 0
@@ -215,27 +218,32 @@ class StreamConsumer:
             results.append(self._replay(intent))
         if self.next_seq is None:
             self.next_seq = self.stream.checkpoint(self.function) + 1
-        room = self.flush_records - len(self.buffer)
-        want = min(room, READ_CHUNK)
-        got = self.stream.read(self.next_seq, want) if want > 0 else []
-        if got:
-            if not self.buffer:
-                self.buffered_since = time.monotonic()
-            self.buffer.extend(got)
-            self.next_seq = got[-1].seq + 1
-        caught_up = want > 0 and len(got) < want
+        # Read until the flush is full or the stream caught up: a poll that
+        # leaves records behind would make the worker idle with work waiting.
+        caught_up = False
+        while not caught_up and self.buffered < self.flush_records:
+            want = min(self.flush_records - self.buffered, READ_CHUNK)
+            got = self.stream.read_events(self.next_seq, want)
+            caught_up = got is None or got.count < want
+            if got is not None:
+                if not self.buffer:
+                    self.buffered_since = time.monotonic()
+                self.buffer.append(got)
+                self.buffered += got.count
+                self.next_seq = got.last_seq + 1
         if self.buffer and (
-            len(self.buffer) >= self.flush_records
+            self.buffered >= self.flush_records
             or time.monotonic() - self.buffered_since >= self.flush_seconds
             or (flush_idle and caught_up)
         ):
-            records, self.buffer = self.buffer, []
-            results.append(self._flush(records, prior_files=None))
+            chunks, self.buffer, self.buffered = self.buffer, [], 0
+            results.append(self._flush(chunks, prior_files=None))
         return results
 
     def _forget(self) -> None:
         """Drop what is buffered: it is re-read from the checkpoint."""
         self.buffer = []
+        self.buffered = 0
         self.next_seq = None
 
     def close(self) -> None:
@@ -260,25 +268,27 @@ class StreamConsumer:
     def _replay(self, intent: dict[str, Any]) -> FlushResult:
         lo, hi = int(intent["from_seq"]), int(intent["to_seq"])
         log.warning("%s: replaying the unfinished flush of seqs %d..%d", self.function, lo, hi)
-        records: list[Record] = []
-        while len(records) < hi - lo + 1:
-            chunk = self.stream.read(lo + len(records), min(READ_CHUNK, hi - lo + 1 - len(records)))
-            if not chunk:
-                break
-            records.extend(chunk)
-        if [r.seq for r in records] != list(range(lo, hi + 1)):
-            raise SluicewayError(
-                f"stream {self.stream_name!r} no longer holds seqs {lo}..{hi} of "
-                f"{self.function}'s unfinished flush"
-            )
-        return self._flush(records, prior_files=intent["files"])
+        chunks: list[EventChunk] = []
+        at = lo
+        while at <= hi:
+            chunk = self.stream.read_events(at, min(READ_CHUNK, hi - at + 1))
+            # Seqs are never reused: a chunk without gaps starts where asked.
+            if chunk is None or chunk.first_seq != at or chunk.last_seq - at + 1 != chunk.count:
+                raise SluicewayError(
+                    f"stream {self.stream_name!r} no longer holds seqs {lo}..{hi} of "
+                    f"{self.function}'s unfinished flush"
+                )
+            chunks.append(chunk)
+            at = chunk.last_seq + 1
+        return self._flush(chunks, prior_files=intent["files"])
 
     def _flush(
-        self, records: list[Record], prior_files: list[dict[str, str]] | None
+        self, chunks: list[EventChunk], prior_files: list[dict[str, str]] | None
     ) -> FlushResult:
         started = time.time()
-        lo, hi = records[0].seq, records[-1].seq
-        batch, rejected = records_to_batch(records)
+        lo, hi = chunks[0].first_seq, chunks[-1].last_seq
+        batches = [c.batch for c in chunks if c.batch.num_rows]
+        rejected = [r for c in chunks for r in c.rejected]
         ctx = FlushContext(
             event=Event(
                 source="sluiceway.stream",
@@ -308,8 +318,9 @@ class StreamConsumer:
             planned.append(files)
 
         ctx.plan_outputs = plan
-        ctx.count("rows_in", len(records))
-        ctx.count_by(batch, "records")
+        ctx.count("rows_in", sum(c.count for c in chunks))
+        for batch in batches:
+            ctx.count_by(batch, "records")
         if rejected:
             ctx.count("rejected", len(rejected))
             log.warning(
@@ -320,7 +331,7 @@ class StreamConsumer:
                 hi,
                 rejected[0],
             )
-        stream: Iterator[pa.RecordBatch] = iter([batch] if batch.num_rows else [])
+        stream: Iterator[pa.RecordBatch] = iter(batches)
         last = len(self.steps) - 1
         for i, step in enumerate(self.steps):
             if i == last:
@@ -433,6 +444,8 @@ class StreamConsumer:
             )
             if same_db:
                 self._record_in_ledger(key, info)
+        for after in ctx.after_commit:
+            after()
         if not same_db:  # a remote ledger cannot join; it only keeps the record for summaries
             self._record_in_ledger(key, info)
 
