@@ -253,6 +253,10 @@ class Pipeline:
         transaction: a crash leaves either both or neither, and the watcher,
         ``put`` and the reconcile can all offer the same file safely.
         """
+        # Most offers are repeats (the watcher seeing what put or a worker just
+        # raised): a read answers those without taking a write lock.
+        if self.ledger.has_seen(bucket, info.key, info.etag):
+            return None
         event = object_created(
             bucket,
             info.key,
@@ -269,8 +273,6 @@ class Pipeline:
         # Route first, record after: a crash in between raises the event again
         # on the next offer (a duplicate the processing ledger absorbs), never
         # loses it.
-        if self.ledger.has_seen(bucket, info.key, info.etag):
-            return None
         self.router.route(event)
         self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id)
         return event
@@ -290,6 +292,8 @@ class Pipeline:
                 event = self.object_created(name, info)
                 if event is not None:
                     raised.append(event)
+        if "db" in self.__dict__:
+            self.db.flush()  # the MD5s just computed, so the next start need not
         return raised
 
     # -- looking at it -------------------------------------------------------

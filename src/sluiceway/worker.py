@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,7 +283,20 @@ class Worker:
 
         key = f"{function}|{event.input_identity}{key_suffix(event)}"
         ttl = queue.spec.visibility_timeout
-        claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
+        timeout = runner.config.timeout
+        with self._together():
+            claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
+            if claim is Claim.ACQUIRED:
+                queue.change_visibility(msg, ttl)  # hidden at least as long as the claim
+                self.activity.start(
+                    self.worker_id,
+                    function=function,
+                    queue=queue.name,
+                    message_id=msg.id,
+                    receipt=msg.receipt,
+                    ledger_key=key,
+                    timeout=timeout,
+                )
         if claim is Claim.DONE:
             if chunk_of(event) is not None and runner.chunking is not None:
                 # A finisher may have crashed before committing the whole.
@@ -296,7 +309,6 @@ class Worker:
             # Someone else holds a live claim; look again after it would expire.
             queue.change_visibility(msg, min(ttl, 5.0))
             return Outcome("busy", msg.id, function, {"key": key})
-        queue.change_visibility(msg, ttl)  # hidden at least as long as the claim just taken
 
         ctx = StepContext(
             event=event,
@@ -307,16 +319,6 @@ class Worker:
             publish=self.pipeline.publish_once,
         )
         started = time.time()
-        timeout = runner.config.timeout
-        self.activity.start(
-            self.worker_id,
-            function=function,
-            queue=queue.name,
-            message_id=msg.id,
-            receipt=msg.receipt,
-            ledger_key=key,
-            timeout=timeout,
-        )
         try:
             self._check_version(event)
             with (
@@ -372,18 +374,30 @@ class Worker:
             self._remove_replaced_outputs(function, event, key, ctx.outputs)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
-        for out in ctx.outputs if self.announce_outputs and chunk is None else ():
-            if "bucket" in out and "key" in out:
-                bucket = self.pipeline.bucket(out["bucket"])
-                self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
         if chunk is not None and runner.chunking is not None:
             retry = self._commit_chunks(runner.chunking, function, queue, msg, key, event)
             if retry is not None:
                 self.activity.finish(self.worker_id)
                 return retry
-        queue.ack([msg])
-        self.activity.finish(self.worker_id)
+        with self._together():
+            for out in ctx.outputs if self.announce_outputs and chunk is None else ():
+                if "bucket" in out and "key" in out:
+                    bucket = self.pipeline.bucket(out["bucket"])
+                    self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+            queue.ack([msg])
+            self.activity.finish(self.worker_id)
         return Outcome("done", msg.id, function, info)
+
+    def _together(self) -> AbstractContextManager[Any]:
+        """One state transaction around steps that follow each other anyway.
+
+        On the embedded default the claim, the message's hiding and the
+        activity record, or the output events, the ack and the end of the
+        activity record, are rows in one database: one write lock and one
+        commit for each group instead of one per step, and a crash keeps all
+        of a group or none. Elsewhere each step goes to its own backend.
+        """
+        return self.pipeline.db.transaction() if self.pipeline.embedded else nullcontext()
 
     def _commit_chunks(
         self, chunking: Chunking, function: str, queue: Queue, msg: Message, key: str, event: Event

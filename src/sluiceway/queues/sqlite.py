@@ -21,6 +21,17 @@ from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpe
 # Between empty polls; grows to the maximum while a queue stays idle.
 POLL_MIN = 0.005
 POLL_MAX = 0.05
+# Ids per DELETE in an ack: well under SQLite's limit of bound parameters.
+ACK_CHUNK = 500
+
+
+def _loads(text: str) -> dict[str, Any]:
+    # Most messages carry no attributes: skip the decoder for the common case.
+    return {} if text == "{}" else json.loads(text)
+
+
+def _dumps(attributes: Mapping[str, Any]) -> str:
+    return json.dumps(attributes) if attributes else "{}"
 
 
 def _row_to_message(row: Any) -> Message:
@@ -28,7 +39,7 @@ def _row_to_message(row: Any) -> Message:
         id=row["id"],
         queue=row["queue"],
         body=row["body"],
-        attributes=json.loads(row["attributes"]),
+        attributes=_loads(row["attributes"]),
         receive_count=row["receive_count"],
         receipt=row["receipt"] or "",
         sent_at=row["sent_at"],
@@ -47,15 +58,19 @@ class SqliteQueue(Queue):
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[str]:
         now = time.time()
-        ids = [m.id or str(uuid.uuid4()) for m in messages]
+        # One random prefix per call, then a counter: as unique as a UUID per
+        # message (the prefix is 128 random bits), at a fraction of the cost.
+        prefix = uuid.uuid4().hex
+        ids = [m.id or f"{prefix}-{i}" for i, m in enumerate(messages)]
+        delay = self.spec.delay
         rows = [
             (
                 mid,
                 self.name,
                 m.body,
-                json.dumps(m.attributes),
+                _dumps(m.attributes),
                 now,
-                now + (self.spec.delay if m.delay is None else m.delay),
+                now + (delay if m.delay is None else m.delay),
             )
             for mid, m in zip(ids, messages, strict=True)
         ]
@@ -132,12 +147,21 @@ class SqliteQueue(Queue):
             pause = min(pause * 2, POLL_MAX)
 
     def ack(self, messages: Sequence[Message]) -> int:
+        # Messages of one receive share a receipt: one statement per receipt.
+        by_receipt: dict[str, list[str]] = {}
+        for m in messages:
+            by_receipt.setdefault(m.receipt, []).append(m.id)
+        deleted = 0
         with self.db.transaction() as conn:
-            cur = conn.executemany(
-                "DELETE FROM messages WHERE queue = ? AND id = ? AND receipt = ?",
-                [(self.name, m.id, m.receipt) for m in messages],
-            )
-            return cur.rowcount
+            for receipt, ids in by_receipt.items():
+                for start in range(0, len(ids), ACK_CHUNK):
+                    chunk = ids[start : start + ACK_CHUNK]
+                    deleted += conn.execute(
+                        "DELETE FROM messages WHERE queue = ? AND receipt = ?"
+                        f" AND id IN ({','.join('?' * len(chunk))})",
+                        (self.name, receipt, *chunk),
+                    ).rowcount
+        return deleted
 
     def change_visibility(self, message: Message, seconds: float) -> bool:
         with self.db.transaction() as conn:
