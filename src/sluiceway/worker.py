@@ -158,6 +158,8 @@ class _Heartbeat:
         self._due = 0.0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the thread looks again on its own (inf: not before it is woken).
+        self._looks_at = float("inf")
 
     @contextmanager
     def watch(
@@ -167,10 +169,14 @@ class _Heartbeat:
         with self._lock:
             self._job = (queue, message, extend_claim, interval)
             self._due = time.monotonic() + interval
+            # Waking the thread per message costs two context switches; it is
+            # needed only if it would look later than this job's first beat.
+            wake = self._looks_at > self._due
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
             self._thread.start()
-        self._wake.set()
+        if wake:
+            self._wake.set()
         try:
             yield
         finally:
@@ -181,14 +187,16 @@ class _Heartbeat:
         while True:
             with self._lock:
                 job, due = self._job, self._due
+                self._looks_at = float("inf") if job is None else due
+                # Cleared under the lock: a watch() that saw this _looks_at
+                # and chose to wake sets the event after this, never before.
+                self._wake.clear()
             if job is None:
                 self._wake.wait()
-                self._wake.clear()
                 continue
             delay = due - time.monotonic()
             if delay > 0:
                 self._wake.wait(delay)
-                self._wake.clear()
                 continue
             queue, message, extend_claim, interval = job
             try:
@@ -372,6 +380,14 @@ class Worker:
         self._notify(runner.config.on_success, f"{key}#summary", {"status": "done", **info})
         if plan is None and chunk is None:  # a chunked input's entries share its identity
             self._remove_replaced_outputs(function, event, key, ctx.outputs)
+        if chunk is None and self.pipeline.embedded:
+            # Done, output events and ack are rows of one database: one commit,
+            # so there is no window in which the input is done but not acked.
+            with self.pipeline.db.transaction():
+                ledger.complete(key, owner=self.worker_id, info=info)
+                self._finish(ctx.outputs, queue, msg)
+            faults.point("after_done")
+            return Outcome("done", msg.id, function, info)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
         if chunk is not None and runner.chunking is not None:
@@ -380,22 +396,25 @@ class Worker:
                 self.activity.finish(self.worker_id)
                 return retry
         with self._together():
-            for out in ctx.outputs if self.announce_outputs and chunk is None else ():
-                if "bucket" in out and "key" in out:
-                    bucket = self.pipeline.bucket(out["bucket"])
-                    self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
-            queue.ack([msg])
-            self.activity.finish(self.worker_id)
+            self._finish(ctx.outputs if chunk is None else [], queue, msg)
         return Outcome("done", msg.id, function, info)
+
+    def _finish(self, outputs: list[dict[str, Any]], queue: Queue, msg: Message) -> None:
+        """Raise the outputs' events, ack, and clear the activity record."""
+        for out in outputs if self.announce_outputs else ():
+            if "bucket" in out and "key" in out:
+                bucket = self.pipeline.bucket(out["bucket"])
+                self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+        queue.ack([msg])
+        self.activity.finish(self.worker_id)
 
     def _together(self) -> AbstractContextManager[Any]:
         """One state transaction around steps that follow each other anyway.
 
         On the embedded default the claim, the message's hiding and the
-        activity record, or the output events, the ack and the end of the
-        activity record, are rows in one database: one write lock and one
-        commit for each group instead of one per step, and a crash keeps all
-        of a group or none. Elsewhere each step goes to its own backend.
+        activity record are rows in one database: one write lock and one
+        commit instead of one per step, and a crash keeps all or none.
+        Elsewhere each step goes to its own backend.
         """
         return self.pipeline.db.transaction() if self.pipeline.embedded else nullcontext()
 

@@ -187,25 +187,26 @@ class LocalBucket(Bucket):
     @contextmanager
     def open_write(self, key: str, *, if_absent: bool = False) -> Iterator[BinaryIO]:
         target = self.path_of(key)
-        self._tmp.mkdir(exist_ok=True)
         tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
+        except FileNotFoundError:  # the first write (or the directory was removed)
+            self._tmp.mkdir(exist_ok=True)
+            f = open(tmp, "wb")  # noqa: SIM115
         writer = _HashingWriter(f)
         try:
             yield writer  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
+            # Rename and link keep the inode and mtime: the cache key is known now.
+            st = os.fstat(f.fileno())
             f.close()
-            target.parent.mkdir(parents=True, exist_ok=True)
             faults.point("before_publish")
-            if if_absent:
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    raise ObjectExists(f"{self.name}/{key} already exists") from None
-            else:
-                os.replace(tmp, target)
-            st = target.stat()
+            try:
+                self._publish(tmp, target, key, if_absent)
+            except FileNotFoundError:  # a new directory: create it, then publish
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._publish(tmp, target, key, if_absent)
             self._remember((str(target), st.st_size, st.st_mtime_ns, st.st_ino), writer.hexdigest())
         finally:
             if not f.closed:
@@ -214,6 +215,15 @@ class LocalBucket(Bucket):
                 with contextlib.suppress(OSError):
                     f.close()
             tmp.unlink(missing_ok=True)
+
+    def _publish(self, tmp: Path, target: Path, key: str, if_absent: bool) -> None:
+        if if_absent:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise ObjectExists(f"{self.name}/{key} already exists") from None
+        else:
+            os.replace(tmp, target)
 
     def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
         # Inside the bucket, so put_file is a rename on the same filesystem.
