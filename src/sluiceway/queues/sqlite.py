@@ -94,40 +94,50 @@ class SqliteQueue(Queue):
             is None
         ):
             return []
+        limit = self.spec.max_receive_count
         with self.db.transaction() as conn:
             rows = conn.execute(
-                "SELECT * FROM messages WHERE queue = ? AND visible_at <= ?"
-                " ORDER BY visible_at, seq LIMIT ?",
+                "SELECT seq, id, body, attributes, receive_count, sent_at, failure FROM messages"
+                " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
                 (self.name, now, max_messages),
             ).fetchall()
             out: list[Message] = []
+            seqs: list[int] = []
             # One receipt per receive call: with the message id it still names
             # exactly this delivery, and the batch is updated in one statement.
             receipt = uuid.uuid4().hex
-            for row in rows:
-                msg = _row_to_message(row)
-                if msg.receive_count >= self.spec.max_receive_count:
+            for seq, mid, body, attributes, count, sent_at, failure in rows:
+                failed = json.loads(failure) if failure else None
+                if count >= limit:
                     # Received that often without an ack or a recorded failure:
                     # the worker died each time. Stop the crash loop here.
+                    msg = Message(mid, self.name, body, _loads(attributes), count, "", sent_at)
                     self.dead_letter(
                         msg,
-                        msg.failure
+                        failed
                         or {
                             "error_type": "MaxReceiveCountExceeded",
                             "message": (
-                                f"received {msg.receive_count} times without being acked "
+                                f"received {count} times without being acked "
                                 "(the worker died or timed out each time)"
                             ),
                         },
                     )
                     continue
-                msg.receive_count += 1
-                msg.receipt = receipt
-                out.append(msg)
-            if out:
-                seqs = [
-                    row["seq"] for row in rows if row["receive_count"] < self.spec.max_receive_count
-                ]
+                seqs.append(seq)
+                out.append(
+                    Message(
+                        mid,
+                        self.name,
+                        body,
+                        _loads(attributes),
+                        count + 1,
+                        receipt,
+                        sent_at,
+                        failed,
+                    )
+                )
+            if seqs:
                 conn.execute(
                     "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1,"
                     f" receipt = ? WHERE seq IN ({','.join('?' * len(seqs))})",
