@@ -161,11 +161,12 @@ class SqliteLedger(Ledger):
             return cur.rowcount == 1
 
     def _finish(self, key: str, owner: str, status: str, info: dict[str, Any]) -> None:
+        text = json.dumps(info, default=str)  # before the write lock, not while holding it
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE ledger SET status = ?, expires_at = NULL, updated_at = ?, info = ?"
                 " WHERE key = ? AND owner = ? AND status = 'in_progress'",  # done stays done
-                (status, time.time(), json.dumps(info, default=str), key, owner),
+                (status, time.time(), text, key, owner),
             )
 
     def complete(self, key: str, *, owner: str, info: dict[str, Any]) -> None:

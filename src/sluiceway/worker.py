@@ -31,7 +31,7 @@ from .config import DestinationConfig
 from .errors import InputError
 from .events import Event
 from .ledger import Claim
-from .pipeline import Pipeline
+from .pipeline import Pipeline, PreparedEvent
 from .queues.base import Message, OutgoingMessage, Queue
 from .steps import STEPS, parse_step
 from .steps.base import StepContext, StepFn
@@ -383,9 +383,10 @@ class Worker:
         if chunk is None and self.pipeline.embedded:
             # Done, output events and ack are rows of one database: one commit,
             # so there is no window in which the input is done but not acked.
+            events = self._output_events(ctx.outputs)
             with self.pipeline.db.transaction():
                 ledger.complete(key, owner=self.worker_id, info=info)
-                self._finish(ctx.outputs, queue, msg)
+                self._finish(events, queue, msg)
             faults.point("after_done")
             return Outcome("done", msg.id, function, info)
         ledger.complete(key, owner=self.worker_id, info=info)
@@ -395,16 +396,26 @@ class Worker:
             if retry is not None:
                 self.activity.finish(self.worker_id)
                 return retry
+        events = self._output_events(ctx.outputs if chunk is None else [])
         with self._together():
-            self._finish(ctx.outputs if chunk is None else [], queue, msg)
+            self._finish(events, queue, msg)
         return Outcome("done", msg.id, function, info)
 
-    def _finish(self, outputs: list[dict[str, Any]], queue: Queue, msg: Message) -> None:
-        """Raise the outputs' events, ack, and clear the activity record."""
+    def _output_events(self, outputs: list[dict[str, Any]]) -> list[PreparedEvent]:
+        """The outputs' "Object Created" events, prepared before the write lock is taken."""
+        events = []
         for out in outputs if self.announce_outputs else ():
             if "bucket" in out and "key" in out:
                 bucket = self.pipeline.bucket(out["bucket"])
-                self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+                prepared = self.pipeline.prepare_event(out["bucket"], bucket.head(out["key"]))
+                if prepared is not None:
+                    events.append(prepared)
+        return events
+
+    def _finish(self, events: list[PreparedEvent], queue: Queue, msg: Message) -> None:
+        """Raise the outputs' events, ack, and clear the activity record."""
+        for prepared in events:
+            self.pipeline.raise_event(prepared)
         queue.ack([msg])
         self.activity.finish(self.worker_id)
 
