@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from sluiceway import Pipeline
 from sluiceway.events import Event
 from sluiceway.watcher import BucketWatcher
@@ -43,3 +45,32 @@ def test_growing_file_is_offered_once_after_it_settles(pipeline: Pipeline, tmp_p
         stop.set()
         thread.join(10)
     assert pipeline.pending() == 1  # one message queued for the one version
+
+
+def test_key_of_names_objects_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher's path → key: hidden and aside files are not objects, and a
+    symlink counts by where it points, however the path is spelled."""
+    from sluiceway.buckets.local import TMP_DIR, LocalBucket
+
+    bucket = LocalBucket("b", tmp_path / "b")
+    root = bucket.root
+    (root / "in" / "sub").mkdir(parents=True)
+    (root / "in" / "sub" / "a.csv").write_text("x")
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("y")
+    (root / "in" / "out.csv").symlink_to(outside)
+    (root / "in" / "alias.csv").symlink_to(root / "in" / "sub" / "a.csv")
+    (root / "linked").symlink_to(root / "in" / "sub", target_is_directory=True)
+
+    assert bucket.key_of(root / "in" / "sub" / "a.csv") == "in/sub/a.csv"
+    assert bucket.key_of(str(root / "in" / "sub" / "a.csv")) == "in/sub/a.csv"
+    assert bucket.key_of(root / "in" / "x" / ".." / "sub" / "a.csv") == "in/sub/a.csv"
+    monkeypatch.chdir(root / "in")
+    assert bucket.key_of("sub/a.csv") == "in/sub/a.csv"
+    assert bucket.key_of(root / TMP_DIR / "123-abc.tmp") is None
+    assert bucket.key_of(root / "in" / ".hidden.csv") is None
+    assert bucket.key_of(root / "in" / "a.csv.part") is None
+    assert bucket.key_of(outside) is None
+    assert bucket.key_of(root / "in" / "out.csv") is None  # points outside the bucket
+    assert bucket.key_of(root / "in" / "alias.csv") == "in/sub/a.csv"
+    assert bucket.key_of(root / "linked" / "a.csv") == "in/sub/a.csv"

@@ -161,11 +161,12 @@ class SqliteLedger(Ledger):
             return cur.rowcount == 1
 
     def _finish(self, key: str, owner: str, status: str, info: dict[str, Any]) -> None:
+        text = json.dumps(info, default=str)  # before the write lock, not while holding it
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE ledger SET status = ?, expires_at = NULL, updated_at = ?, info = ?"
                 " WHERE key = ? AND owner = ? AND status = 'in_progress'",  # done stays done
-                (status, time.time(), json.dumps(info, default=str), key, owner),
+                (status, time.time(), text, key, owner),
             )
 
     def complete(self, key: str, *, owner: str, info: dict[str, Any]) -> None:
@@ -218,10 +219,13 @@ class SqliteLedger(Ledger):
         ]
 
     def other_versions(self, function: str, input_prefix: str, current: str) -> list[Entry]:
+        # A range of the primary key, not LIKE on the (function, status) index:
+        # that scans every finished entry of the function, once per input.
+        start = f"{function}|{input_prefix}"
         rows = self.db.conn.execute(
-            "SELECT key FROM ledger WHERE function = ? AND status = 'done' AND key != ?"
-            " AND key LIKE ? ESCAPE '\\'",
-            (function, current, f"{function}|{like_escape(input_prefix)}%"),
+            "SELECT key FROM ledger WHERE key >= ? AND key < ? AND key != ?"
+            " AND +function = ? AND +status = 'done'",
+            (start, start + "\U0010ffff", current, function),
         ).fetchall()
         return [e for r in rows if (e := self.get(r[0])) is not None]
 

@@ -36,6 +36,16 @@ STATE_FILE = "state.db"
 
 
 @dataclass(frozen=True)
+class PreparedEvent:
+    """An "Object Created" event with its messages, ready to be raised."""
+
+    bucket: str
+    info: ObjectInfo
+    event: Event
+    plan: list[tuple[str, OutgoingMessage]]
+
+
+@dataclass(frozen=True)
 class QueueStatus:
     name: str
     counts: QueueCounts
@@ -253,6 +263,19 @@ class Pipeline:
         transaction: a crash leaves either both or neither, and the watcher,
         ``put`` and the reconcile can all offer the same file safely.
         """
+        offer = self.prepare_event(bucket, info)
+        return None if offer is None else self.raise_event(offer)
+
+    def prepare_event(self, bucket: str, info: ObjectInfo) -> PreparedEvent | None:
+        """The event and messages for an object version; None if it raised one before.
+
+        No write happens here: the matching and encoding are done before the
+        write lock is taken (``raise_event`` holds it only for the inserts).
+        """
+        # Most offers are repeats (the watcher seeing what put or a worker just
+        # raised): a read answers those without taking a write lock.
+        if self.ledger.has_seen(bucket, info.key, info.etag):
+            return None
         event = object_created(
             bucket,
             info.key,
@@ -260,18 +283,21 @@ class Pipeline:
             etag=info.etag,
             sequencer=f"{int(info.mtime * 1e9):020X}",
         )
+        return PreparedEvent(bucket, info, event, self.router.plan(event))
+
+    def raise_event(self, offer: PreparedEvent) -> Event | None:
+        """Record the version and queue its messages, unless someone raised it meanwhile."""
+        bucket, info, event = offer.bucket, offer.info, offer.event
         if self.embedded:
             with self.db.transaction():
                 if not self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id):
                     return None
-                self.router.route(event)
+                self.router.send(offer.plan)
             return event
         # Route first, record after: a crash in between raises the event again
         # on the next offer (a duplicate the processing ledger absorbs), never
         # loses it.
-        if self.ledger.has_seen(bucket, info.key, info.etag):
-            return None
-        self.router.route(event)
+        self.router.send(offer.plan)
         self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id)
         return event
 
@@ -290,6 +316,8 @@ class Pipeline:
                 event = self.object_created(name, info)
                 if event is not None:
                     raised.append(event)
+        if "db" in self.__dict__:
+            self.db.flush()  # the MD5s just computed, so the next start need not
         return raised
 
     # -- looking at it -------------------------------------------------------

@@ -57,12 +57,27 @@ class Router:
         The message id is the event id, so routing the same event twice (a
         retried ``put``, two rules naming one queue) queues it once.
         """
+        return self.send(self.plan(event))
+
+    def plan(self, event: Event) -> list[tuple[str, OutgoingMessage]]:
+        """The messages ``route`` sends, per target: all the matching and encoding.
+
+        Separate from ``send`` so callers can do this work before they take
+        the state database's write lock, and hold it only for the inserts.
+        """
         targets = self.targets_for(event)
+        if not targets:
+            return []
         body = event.to_json()
-        for rule, target in targets:
-            msg = OutgoingMessage(body=body, attributes={"rule": rule}, id=event.id)
+        return [
+            (target, OutgoingMessage(body=body, attributes={"rule": rule}, id=event.id))
+            for rule, target in targets
+        ]
+
+    def send(self, plan: list[tuple[str, OutgoingMessage]]) -> list[str]:
+        for target, msg in plan:
             if target in self.topics:
                 self.broker.publish(target, [msg])
             else:
                 self.broker.queue(target).send_batch([msg])
-        return [t for _, t in targets]
+        return [target for target, _ in plan]

@@ -185,6 +185,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("DROP TABLE dedup_keys")
 
 
+# Deferred ETag cache entries that force a transaction of their own.
+ETAG_BATCH = 256
+
+
 class StateLocked(SluicewayError):
     """The state database stayed locked by another process past the deadline."""
 
@@ -261,6 +265,7 @@ class StateDB:
         if self._local.depth:
             self._local.depth += 1
             try:
+                self._write_pending(conn)
                 yield conn
             finally:
                 self._local.depth -= 1
@@ -268,6 +273,7 @@ class StateDB:
         self._while_locked(conn, "BEGIN IMMEDIATE")
         self._local.depth = 1
         try:
+            self._write_pending(conn)
             yield conn
         except BaseException:
             self._local.depth = 0
@@ -277,6 +283,9 @@ class StateDB:
         conn.execute("COMMIT")
 
     def cached_etag(self, path: str, size: int, mtime_ns: int, ino: int) -> str | None:
+        pending = self._pending_etags().get(path)
+        if pending is not None and pending[:4] == (path, size, mtime_ns, ino):
+            return pending[4]
         row = self.conn.execute(
             "SELECT etag FROM etags WHERE path = ? AND size = ? AND mtime_ns = ? AND ino = ?",
             (path, size, mtime_ns, ino),
@@ -284,17 +293,45 @@ class StateDB:
         return None if row is None else str(row[0])
 
     def store_etag(self, path: str, size: int, mtime_ns: int, ino: int, etag: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(
+        """Remember an MD5, written with this thread's next transaction.
+
+        A cache entry is not worth a transaction of its own (a write lock, a
+        commit) per object: ``put`` and a worker's output are followed at once
+        by the transaction that raises or records them, which carries it. A
+        crash before that loses only the entry; the file is hashed again.
+        """
+        pending = self._pending_etags()
+        pending[path] = (path, size, mtime_ns, ino, etag)
+        if getattr(self._local, "depth", 0) or len(pending) >= ETAG_BATCH:
+            self.flush()
+
+    def _pending_etags(self) -> dict[str, tuple[str, int, int, int, str]]:
+        pending = getattr(self._local, "etags", None)
+        if pending is None:
+            pending = self._local.etags = {}
+        return pending
+
+    def _write_pending(self, conn: sqlite3.Connection) -> None:
+        pending = getattr(self._local, "etags", None)
+        if pending:
+            conn.executemany(
                 "INSERT OR REPLACE INTO etags (path, size, mtime_ns, ino, etag)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (path, size, mtime_ns, ino, etag),
+                list(pending.values()),
             )
+            pending.clear()
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
 
+    def flush(self) -> None:
+        """Write this thread's deferred cache entries now (before a long idle or exit)."""
+        if getattr(self._local, "etags", None):
+            with self.transaction():
+                pass  # the transaction writes what is pending
+
     def close(self) -> None:
+        self.flush()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from watchfiles import Change, watch
 
@@ -38,8 +38,8 @@ class BucketWatcher:
         self.settle = settle
         self.on_event = on_event
         self.buckets = [b for b in pipeline.buckets.values() if isinstance(b, LocalBucket)]
-        # path -> (bucket, size, mtime_ns, unchanged since)
-        self._pending: dict[str, tuple[LocalBucket, int, int, float]] = {}
+        # path -> (bucket, key, size, mtime_ns, unchanged since)
+        self._pending: dict[str, tuple[LocalBucket, str, int, int, float]] = {}
         self.ready = threading.Event()
 
     @property
@@ -55,34 +55,38 @@ class BucketWatcher:
 
     def _note(self, path: str) -> None:
         bucket = self._bucket_for(path)
-        if bucket is None or bucket.key_of(path) is None:
+        if bucket is None:
+            return
+        key = bucket.key_of(path)  # aside-files and hidden names: None, decided on the string
+        if key is None:
             return
         try:
             st = os.stat(path)
         except FileNotFoundError:
             self._pending.pop(path, None)
             return
-        if not os.path.isfile(path):
-            return
-        self._pending[path] = (bucket, st.st_size, st.st_mtime_ns, time.monotonic())
+        if stat.S_ISDIR(st.st_mode):
+            # A directory moved in whole: its files raise no events.
+            for dirpath, _, files in os.walk(path):
+                for fn in files:
+                    self._note(os.path.join(dirpath, fn))
+        elif stat.S_ISREG(st.st_mode):
+            self._pending[path] = (bucket, key, st.st_size, st.st_mtime_ns, time.monotonic())
 
     def _settle(self) -> None:
         now = time.monotonic()
-        for path, (bucket, size, mtime_ns, since) in list(self._pending.items()):
+        for path, (bucket, key, size, mtime_ns, since) in list(self._pending.items()):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
                 del self._pending[path]
                 continue
             if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                self._pending[path] = (bucket, st.st_size, st.st_mtime_ns, now)
+                self._pending[path] = (bucket, key, st.st_size, st.st_mtime_ns, now)
                 continue
             if now - since < self.settle:
                 continue
             del self._pending[path]
-            key = bucket.key_of(path)
-            if key is None:
-                continue
             try:
                 event = self.pipeline.object_created(bucket.name, bucket.head(key))
             except ObjectNotFound:
@@ -114,11 +118,6 @@ class BucketWatcher:
             for change, path in changes:
                 if change is Change.deleted:
                     self._pending.pop(path, None)
-                elif Path(path).is_dir():
-                    # A directory moved in whole: its files raise no events.
-                    for dirpath, _, files in os.walk(path):
-                        for fn in files:
-                            self._note(os.path.join(dirpath, fn))
                 else:
                     self._note(path)
             self._settle()

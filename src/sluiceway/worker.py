@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from .config import DestinationConfig
 from .errors import InputError
 from .events import Event
 from .ledger import Claim
-from .pipeline import Pipeline
+from .pipeline import Pipeline, PreparedEvent
 from .queues.base import Message, OutgoingMessage, Queue
 from .steps import STEPS, parse_step
 from .steps.base import StepContext, StepFn
@@ -158,6 +158,8 @@ class _Heartbeat:
         self._due = 0.0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the thread looks again on its own (inf: not before it is woken).
+        self._looks_at = float("inf")
 
     @contextmanager
     def watch(
@@ -167,10 +169,14 @@ class _Heartbeat:
         with self._lock:
             self._job = (queue, message, extend_claim, interval)
             self._due = time.monotonic() + interval
+            # Waking the thread per message costs two context switches; it is
+            # needed only if it would look later than this job's first beat.
+            wake = self._looks_at > self._due
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
             self._thread.start()
-        self._wake.set()
+        if wake:
+            self._wake.set()
         try:
             yield
         finally:
@@ -181,14 +187,16 @@ class _Heartbeat:
         while True:
             with self._lock:
                 job, due = self._job, self._due
+                self._looks_at = float("inf") if job is None else due
+                # Cleared under the lock: a watch() that saw this _looks_at
+                # and chose to wake sets the event after this, never before.
+                self._wake.clear()
             if job is None:
                 self._wake.wait()
-                self._wake.clear()
                 continue
             delay = due - time.monotonic()
             if delay > 0:
                 self._wake.wait(delay)
-                self._wake.clear()
                 continue
             queue, message, extend_claim, interval = job
             try:
@@ -283,7 +291,20 @@ class Worker:
 
         key = f"{function}|{event.input_identity}{key_suffix(event)}"
         ttl = queue.spec.visibility_timeout
-        claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
+        timeout = runner.config.timeout
+        with self._together():
+            claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
+            if claim is Claim.ACQUIRED:
+                queue.change_visibility(msg, ttl)  # hidden at least as long as the claim
+                self.activity.start(
+                    self.worker_id,
+                    function=function,
+                    queue=queue.name,
+                    message_id=msg.id,
+                    receipt=msg.receipt,
+                    ledger_key=key,
+                    timeout=timeout,
+                )
         if claim is Claim.DONE:
             if chunk_of(event) is not None and runner.chunking is not None:
                 # A finisher may have crashed before committing the whole.
@@ -296,7 +317,6 @@ class Worker:
             # Someone else holds a live claim; look again after it would expire.
             queue.change_visibility(msg, min(ttl, 5.0))
             return Outcome("busy", msg.id, function, {"key": key})
-        queue.change_visibility(msg, ttl)  # hidden at least as long as the claim just taken
 
         ctx = StepContext(
             event=event,
@@ -307,16 +327,6 @@ class Worker:
             publish=self.pipeline.publish_once,
         )
         started = time.time()
-        timeout = runner.config.timeout
-        self.activity.start(
-            self.worker_id,
-            function=function,
-            queue=queue.name,
-            message_id=msg.id,
-            receipt=msg.receipt,
-            ledger_key=key,
-            timeout=timeout,
-        )
         try:
             self._check_version(event)
             with (
@@ -370,20 +380,54 @@ class Worker:
         self._notify(runner.config.on_success, f"{key}#summary", {"status": "done", **info})
         if plan is None and chunk is None:  # a chunked input's entries share its identity
             self._remove_replaced_outputs(function, event, key, ctx.outputs)
+        if chunk is None and self.pipeline.embedded:
+            # Done, output events and ack are rows of one database: one commit,
+            # so there is no window in which the input is done but not acked.
+            events = self._output_events(ctx.outputs)
+            with self.pipeline.db.transaction():
+                ledger.complete(key, owner=self.worker_id, info=info)
+                self._finish(events, queue, msg)
+            faults.point("after_done")
+            return Outcome("done", msg.id, function, info)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
-        for out in ctx.outputs if self.announce_outputs and chunk is None else ():
-            if "bucket" in out and "key" in out:
-                bucket = self.pipeline.bucket(out["bucket"])
-                self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
         if chunk is not None and runner.chunking is not None:
             retry = self._commit_chunks(runner.chunking, function, queue, msg, key, event)
             if retry is not None:
                 self.activity.finish(self.worker_id)
                 return retry
+        events = self._output_events(ctx.outputs if chunk is None else [])
+        with self._together():
+            self._finish(events, queue, msg)
+        return Outcome("done", msg.id, function, info)
+
+    def _output_events(self, outputs: list[dict[str, Any]]) -> list[PreparedEvent]:
+        """The outputs' "Object Created" events, prepared before the write lock is taken."""
+        events = []
+        for out in outputs if self.announce_outputs else ():
+            if "bucket" in out and "key" in out:
+                bucket = self.pipeline.bucket(out["bucket"])
+                prepared = self.pipeline.prepare_event(out["bucket"], bucket.head(out["key"]))
+                if prepared is not None:
+                    events.append(prepared)
+        return events
+
+    def _finish(self, events: list[PreparedEvent], queue: Queue, msg: Message) -> None:
+        """Raise the outputs' events, ack, and clear the activity record."""
+        for prepared in events:
+            self.pipeline.raise_event(prepared)
         queue.ack([msg])
         self.activity.finish(self.worker_id)
-        return Outcome("done", msg.id, function, info)
+
+    def _together(self) -> AbstractContextManager[Any]:
+        """One state transaction around steps that follow each other anyway.
+
+        On the embedded default the claim, the message's hiding and the
+        activity record are rows in one database: one write lock and one
+        commit instead of one per step, and a crash keeps all or none.
+        Elsewhere each step goes to its own backend.
+        """
+        return self.pipeline.db.transaction() if self.pipeline.embedded else nullcontext()
 
     def _commit_chunks(
         self, chunking: Chunking, function: str, queue: Queue, msg: Message, key: str, event: Event

@@ -89,11 +89,13 @@ def test_workers_exit_when_their_runtime_is_killed(tmp_path: Path, reaper: Reape
 def test_finished_work_is_not_redone_after_a_kill_before_the_ack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reaper: Reaper
 ) -> None:
-    """Killed between "ledger done" and the ack: the re-delivery is only acked.
+    """Killed once the ledger says done: the input is never run again.
 
     The supervisor blames the dead worker's message; that must not turn the
     finished ledger entry back into "failed", which makes the input run again
-    (and leaves it "failed" for good when the ack had already happened).
+    (and leaves it "failed" for good when the ack had already happened). On
+    the embedded default "done" and the ack commit together, so the kill
+    lands after both and nothing may be blamed or redelivered at all.
     """
     kill_log = tmp_path / "kills.jsonl"
     monkeypatch.setenv("SLUICEWAY_FAULTS", f"after_done:1,max=1,log={kill_log}")

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -115,6 +116,7 @@ class LocalBucket(Bucket):
         self.etag_cache = etag_cache
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_text = str(self.root)
         self._tmp = self.root / TMP_DIR
         self._etags: dict[tuple[str, int, int, int], str] = {}
         self._lock = threading.Lock()
@@ -137,12 +139,28 @@ class LocalBucket(Bucket):
 
     def key_of(self, path: str | os.PathLike[str]) -> str | None:
         """The key of a file inside the bucket, or None if it is not an object."""
+        text = os.path.abspath(path)
+        prefix = self._root_text + os.sep
+        if text.startswith(prefix) and ".." not in os.fspath(path).split(os.sep):
+            # The common case (the watcher, once per change): decided on the
+            # string, plus an lstat per part below the root, instead of
+            # resolving every part of the whole path.
+            parts = text[len(prefix) :].split(os.sep)
+            if any(is_ignored_name(p) for p in parts):
+                return None
+            here = self._root_text
+            for part in parts:
+                here = os.path.join(here, part)
+                if os.path.islink(here):
+                    break  # may point anywhere: resolve it below
+            else:
+                return "/".join(parts)
         try:
             rel = Path(path).resolve().relative_to(self.root)
         except ValueError:
             return None
-        parts = rel.parts
-        if not parts or parts[0] == TMP_DIR or any(is_ignored_name(p) for p in parts):
+        parts = list(rel.parts)
+        if not parts or any(is_ignored_name(p) for p in parts):  # TMP_DIR is hidden too
             return None
         return "/".join(parts)
 
@@ -174,7 +192,7 @@ class LocalBucket(Bucket):
             st = path.stat()
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.name}/{key}: no such object") from None
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(f"{self.name}/{key}: not an object")
         return self._info(key, path, st)
 
@@ -187,25 +205,26 @@ class LocalBucket(Bucket):
     @contextmanager
     def open_write(self, key: str, *, if_absent: bool = False) -> Iterator[BinaryIO]:
         target = self.path_of(key)
-        self._tmp.mkdir(exist_ok=True)
         tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
+        except FileNotFoundError:  # the first write (or the directory was removed)
+            self._tmp.mkdir(exist_ok=True)
+            f = open(tmp, "wb")  # noqa: SIM115
         writer = _HashingWriter(f)
         try:
             yield writer  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
+            # Rename and link keep the inode and mtime: the cache key is known now.
+            st = os.fstat(f.fileno())
             f.close()
-            target.parent.mkdir(parents=True, exist_ok=True)
             faults.point("before_publish")
-            if if_absent:
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    raise ObjectExists(f"{self.name}/{key} already exists") from None
-            else:
-                os.replace(tmp, target)
-            st = target.stat()
+            try:
+                self._publish(tmp, target, key, if_absent)
+            except FileNotFoundError:  # a new directory: create it, then publish
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._publish(tmp, target, key, if_absent)
             self._remember((str(target), st.st_size, st.st_mtime_ns, st.st_ino), writer.hexdigest())
         finally:
             if not f.closed:
@@ -214,6 +233,15 @@ class LocalBucket(Bucket):
                 with contextlib.suppress(OSError):
                     f.close()
             tmp.unlink(missing_ok=True)
+
+    def _publish(self, tmp: Path, target: Path, key: str, if_absent: bool) -> None:
+        if if_absent:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise ObjectExists(f"{self.name}/{key} already exists") from None
+        else:
+            os.replace(tmp, target)
 
     def scratch_dir(self) -> tempfile.TemporaryDirectory[str]:
         # Inside the bucket, so put_file is a rename on the same filesystem.
