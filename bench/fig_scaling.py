@@ -2,9 +2,10 @@
 
 Throughput reuses figure 2's method (warm ``sluiceway run --workers N``
 against a warm ``ProcessPoolExecutor(N)``) for N = 1, 2, 4 on a 2-core
-machine. Cost growth reuses figure 1's: Sluiceway against the fastest raw
-tool of figure 1, time and peak RSS, at each file size. Both go into
-bench/scaling.png.
+machine, then for N = 1 and 4 with the queues on each network broker
+(Redis Streams, RabbitMQ, NATS JetStream, SQS on moto_server). Cost growth
+reuses figure 1's: Sluiceway against the fastest raw tool of figure 1, time
+and peak RSS, at each file size. Both go into bench/scaling.png.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ if TYPE_CHECKING:
     from .__main__ import Context
 
 WORKERS = (1, 2, 4)
-REDIS_WORKERS = (1, 4)
-REDIS_URL = "redis://127.0.0.1:6379/15"
+BROKER_WORKERS = (1, 4)
 PLOT = Path(__file__).resolve().parent / "scaling.png"
 
 
@@ -68,7 +68,7 @@ def run(ctx: Context) -> Section:
         ],
     )
 
-    redis = redis_profile(ctx, section, files, throughput)
+    brokers = broker_profiles(ctx, section, files, throughput)
 
     fig1_size, fig1 = ctx.shared.get("large", (0, {}))
     sizes = (
@@ -107,7 +107,7 @@ def run(ctx: Context) -> Section:
         ["CSV size", "Sluiceway", "range", "raw", "× raw", "Sluiceway peak RSS", "raw peak RSS"],
         rows,
     )
-    plot(throughput, growth, raw_name, redis)
+    plot(throughput, growth, raw_name, brokers)
     section.add(f"![scaling]({PLOT.name})", "")
     return section
 
@@ -116,7 +116,7 @@ def plot(
     throughput: dict[int, fig_small.Throughput],
     growth: dict[int, dict[str, fig_large.Measured]],
     raw_name: str,
-    redis: dict[int, fig_small.Throughput] | None = None,
+    brokers: dict[str, dict[int, fig_small.Throughput]] | None = None,
 ) -> None:
     import matplotlib
 
@@ -137,15 +137,15 @@ def plot(
             [s.hi - m for m, s in zip(med, stats, strict=True)],
         ]
         ax1.errorbar(ns, med, yerr=err, marker="o", capsize=4, label=label)
-    if redis:
-        rn = sorted(redis)
-        stats = [redis[n].sluiceway for n in rn]
+    for broker, by_n in (brokers or {}).items():
+        rn = sorted(by_n)
+        stats = [by_n[n].sluiceway for n in rn]
         med = [s.median for s in stats]
         err = [
             [m - s.lo for m, s in zip(med, stats, strict=True)],
             [s.hi - m for m, s in zip(med, stats, strict=True)],
         ]
-        ax1.errorbar(rn, med, yerr=err, marker="s", capsize=4, label="Sluiceway, Redis broker")
+        ax1.errorbar(rn, med, yerr=err, marker="s", capsize=4, label=f"Sluiceway, {broker}")
     ax1.set(
         xlabel="worker processes",
         ylabel="files/s",
@@ -153,7 +153,7 @@ def plot(
         xticks=ns,
         ylim=(0, None),
     )
-    ax1.legend()
+    ax1.legend(fontsize="small")
 
     sizes = sorted(growth)
     x = [s / data.MB for s in sizes]
@@ -187,101 +187,154 @@ def plot(
     plt.close(fig)
 
 
-# -- the Redis broker profile --------------------------------------------------------------
+# -- the network broker profiles -----------------------------------------------------------
+
+# Quick mode keeps these short: 8 services to start (4 brokers × 1 and 4 workers).
+BROKER_COUNT = {"quick": 20, "full": 500}
+PASSWORD_VARIABLE = "SLUICEWAY_BENCH_BROKER_PASSWORD"
 
 
-def redis_throughput(
-    files: list[str], workers: int, runs: int, work: str, url: str
+def _profile_url(url: str) -> str:
+    """``url`` for a profile file: a password moves to the environment (files may hold none)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    os.environ[PASSWORD_VARIABLE] = parts.password
+    netloc = parts.netloc.replace(f":{parts.password}@", f":${{{PASSWORD_VARIABLE}}}@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def broker_throughput(
+    files: list[str], workers: int, runs: int, work: str, broker: str, endpoint: str
 ) -> dict[str, list[float]]:
-    """figure 2's throughput with the queues on Redis (profile ``bench-redis``), ledger embedded."""
-    import redis
+    """Figure 2's throughput with the queues on ``broker`` (profile ``bench-broker``).
 
-    from sluiceway.queues.redis import delete_prefix
-
-    prefix = f"swbench{uuid.uuid4().hex[:8]}-"
-    folder = Path(work) / "pipeline"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "profiles.yaml").write_text(
-        f'bench-redis:\n  broker: "{url}?prefix={prefix}"\n', encoding="utf-8"
-    )
-    os.environ["SLUICEWAY_PROFILE"] = "bench-redis"  # the service and its workers inherit it
+    The ledger and state stay embedded, so the broker is the only change from
+    the embedded rows. Everything the run created on the broker is deleted after.
+    """
     from sluiceway import Pipeline
 
     from .common import make_pipeline
+    from .fig_brokers import _url
 
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    url = _url(broker, endpoint, prefix)
+    folder = Path(work) / "pipeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "profiles.yaml").write_text(
+        f'bench-broker:\n  broker: "{_profile_url(url)}"\n', encoding="utf-8"
+    )
+    os.environ["SLUICEWAY_PROFILE"] = "bench-broker"  # the service and its workers inherit it
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # moto takes any credentials
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     check = Pipeline.from_file(make_pipeline(folder))
-    if type(check.broker).__name__ != "RedisBroker":
+    if type(check.broker).__name__ == "SqliteBroker":
         raise RuntimeError(f"the profile did not take: broker is {check.broker!r}")
-    check.close()
     try:
         return fig_small.throughput(files, workers, runs, work)
     finally:
-        delete_prefix(redis.Redis.from_url(url), prefix)
+        b: Any = check.broker
+        if broker == "Redis Streams":
+            from sluiceway.queues.redis import delete_prefix
+
+            delete_prefix(b.conn.client, f"{prefix}-")
+        elif hasattr(b, "destroy"):
+            b.destroy()
+        b.close()
+        check.close()
 
 
-def redis_profile(
+def broker_profiles(
     ctx: Context,
     section: Section,
     files: list[Path],
     embedded: dict[int, fig_small.Throughput],
-) -> dict[int, fig_small.Throughput]:
-    """Throughput with 1 and 4 workers on the Redis broker profile, against the embedded runs."""
-    from .fig_queue import redis_available
+) -> dict[str, dict[int, fig_small.Throughput]]:
+    """Throughput with 1 and 4 workers on each network broker, against the embedded runs."""
+    from .fig_brokers import moto_server, reachable
 
-    section.add(f"### On the Redis broker profile ({ctx.runs} runs)", "")
-    why = redis_available()
-    if why:
-        section.add(f"Not measured: {why}.", "")
-        return {}
-    got: dict[int, fig_small.Throughput] = {}
-    for n in REDIS_WORKERS:
-        work = fresh_dir("small-redis")
-        try:
-            raw: Any = run_child(
-                "bench.fig_scaling:redis_throughput",
-                files=[str(f) for f in files],
-                workers=n,
-                runs=ctx.runs,
-                work=str(work),
-                url=REDIS_URL,
-            ).result
-        except ChildFailed as e:
-            section.add(f"{n} worker(s) on Redis failed:\n\n```\n{str(e)[-1500:]}\n```", "")
-            continue
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        got[n] = fig_small.Throughput(
-            Stats.of(raw["sluiceway"]), Stats.of(raw["pool"]), Stats.of(raw["put"])
-        )
+    count = BROKER_COUNT["quick" if ctx.quick else "full"]
+    files = files[:count]
+    section.add(f"### On the network brokers ({ctx.runs} runs)", "")
+    brokers, why = reachable()
+    got: dict[str, dict[int, fig_small.Throughput]] = {}
+    failures: list[str] = []
+    with moto_server() as endpoint:
+        if endpoint is None:
+            why["SQS (moto_server)"] = "moto_server (moto[server]) is missing or did not start"
+        else:
+            brokers.append("SQS (moto_server)")
+        for broker in brokers:
+            for n in BROKER_WORKERS:
+                work = fresh_dir("small-broker")
+                try:
+                    raw: Any = run_child(
+                        "bench.fig_scaling:broker_throughput",
+                        files=[str(f) for f in files],
+                        workers=n,
+                        runs=ctx.runs,
+                        work=str(work),
+                        broker=broker,
+                        endpoint=endpoint or "",
+                    ).result
+                except ChildFailed as e:
+                    failures.append(f"{broker}, {n} worker(s):\n\n```\n{str(e)[-1500:]}\n```")
+                    continue
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+                got.setdefault(broker, {})[n] = fig_small.Throughput(
+                    Stats.of(raw["sluiceway"]), Stats.of(raw["pool"]), Stats.of(raw["put"])
+                )
     section.add(
-        "As above, with the pipeline's queues on Redis (a profile with `broker: redis://"
-        "127.0.0.1:6379/15`, the ledger and state embedded) on the same "
-        f"{len(files):,} files. Each Redis run has its own raw pool, measured in turn; "
-        '"× embedded" compares with the embedded row for the same N above (another run).',
+        "As above, with the pipeline's queues on each network broker (a profile with only "
+        "`broker:` set; ledger and state embedded), on the first "
+        f"{len(files):,} of those files per run: Redis, RabbitMQ and NATS JetStream on "
+        "127.0.0.1, SQS on a `moto_server` the bench starts on loopback (an emulator: it says "
+        "what the client side costs, not what AWS does). Each run has its own raw pool, "
+        'measured in turn. "4 vs 1" is the speed-up from 1 to 4 workers on that broker; '
+        '"× embedded" compares with the embedded row for the same N above (another run, '
+        "more files). On 2 cores, 4 workers share the cores with the broker and the driver. "
+        '"driver put" is how fast the one driver process got the files in (copy, MD5, '
+        "event, publish to the broker): the end-to-end rate cannot exceed it, so where the "
+        "two are close the driver, not the workers, sets the pace.",
         "",
     )
     rows = []
-    for n, t in sorted(got.items()):
-        base = embedded.get(n)
-        rows.append(
-            [
-                str(n),
-                t.sluiceway.fmt(0),
-                t.sluiceway.range(0),
-                t.pool.fmt(0),
-                f"{t.sluiceway.median / t.pool.median:.2f}×",
-                f"{t.sluiceway.median / base.sluiceway.median:.2f}×" if base else "—",
-            ]
-        )
+    for broker, by_n in got.items():
+        one = by_n.get(1)
+        for n, t in sorted(by_n.items()):
+            base = embedded.get(n)
+            rows.append(
+                [
+                    broker,
+                    str(n),
+                    t.sluiceway.fmt(0),
+                    t.sluiceway.range(0),
+                    t.put.fmt(0),
+                    t.pool.fmt(0),
+                    f"{t.sluiceway.median / t.pool.median:.2f}×",
+                    f"{t.sluiceway.median / one.sluiceway.median:.2f}×" if one else "—",
+                    f"{t.sluiceway.median / base.sluiceway.median:.2f}×" if base else "—",
+                ]
+            )
     section.table(
         [
+            "broker",
             "workers",
-            "Sluiceway (Redis) files/s",
+            "Sluiceway files/s",
             "range",
+            "driver put files/s",
             "raw pool files/s",
             "× raw pool",
+            "4 vs 1",
             "× embedded",
         ],
         rows,
     )
+    for broker, reason in why.items():
+        section.add(f"{broker}: not measured: {reason}.", "")
+    for failure in failures:
+        section.add(f"Failed: {failure}", "")
     return got

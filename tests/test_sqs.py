@@ -242,3 +242,82 @@ def test_fifo_queues_and_topics(aws: str) -> None:
     # FIFO topic → FIFO queues.
     b.publish("fanout", [OutgoingMessage("t1", id="t1"), OutgoingMessage("t2", id="t2")])
     assert [m.body for m in b.queue("other").receive(10)] == ["t1", "t2"]
+
+
+# -- manage=false: queues made by Terraform, used as they are ---------------------------
+
+KEPT = ("VisibilityTimeout", "DelaySeconds", "RedrivePolicy", "Policy", "MessageRetentionPeriod")
+
+
+def test_manage_false_uses_existing_queues_and_never_changes_them(aws: str) -> None:
+    prefix = fresh_prefix()
+    made = broker(aws, prefix)  # stands in for Terraform: queues, DLQ, topic, subscriptions
+    sqs = client("sqs", aws)
+    q_url = made.queue("q").url
+    redrive = json.loads(attributes_of(aws, q_url)["RedrivePolicy"])
+    redrive["maxReceiveCount"] = 7
+    own_policy = json.dumps({"Version": "2012-10-17", "Statement": [{"Sid": "terraform's"}]})
+    sqs.set_queue_attributes(
+        QueueUrl=q_url,
+        Attributes={
+            "VisibilityTimeout": "180",  # 6 × a 30 s Lambda timeout, as AWS advises
+            "DelaySeconds": "2",
+            "RedrivePolicy": json.dumps(redrive),
+            "Policy": own_policy,
+        },
+    )
+    before = {n: {k: attributes_of(aws, made.queue(n).url).get(k) for k in KEPT} for n in SPECS}
+
+    used = broker(aws, prefix, manage="false")
+    q = used.queue("q")
+    assert q.url == q_url
+    # The queue's settings, not the file's (visibility 1 s, 3 receives, no delay).
+    assert (q.spec.visibility_timeout, q.visibility, q.spec.delay) == (180, 180, 2)
+    assert q.spec.max_receive_count == 7
+    after = {n: {k: attributes_of(aws, used.queue(n).url).get(k) for k in KEPT} for n in SPECS}
+    assert after == before and after["q"]["Policy"] == own_policy
+
+    # And it works: the topic fans out, receives hide for the queue's own timeout.
+    used.publish("fanout", [OutgoingMessage("e", id="ev-1")])
+    [m] = used.queue("other").receive(1, wait=5)
+    assert m.id == "ev-1" and used.queue("other").ack([m]) == 1
+    [m] = q.receive(1, wait=5)
+    counts = q.counts()
+    assert (m.id, counts.in_flight, counts.visible) == ("ev-1", 1, 0)
+    assert q.ack([m]) == 1
+
+
+def test_manage_false_names_every_missing_queue_and_topic(aws: str) -> None:
+    from sluiceway.errors import SluicewayError
+
+    prefix = fresh_prefix()
+    with pytest.raises(SluicewayError) as e:
+        broker(aws, prefix, manage="false")
+    text = str(e.value)
+    for name in ("q", "q-dlq", "other"):
+        assert f"SQS queue {prefix}{name} (the pipeline's queue {name!r}) does not exist" in text
+    assert "manage=false" in text and "sluiceway deploy terraform" in text
+    assert client("sqs", aws).list_queues(QueueNamePrefix=prefix).get("QueueUrls", []) == []
+
+
+def test_manage_false_refuses_a_topic_without_the_queues_subscription(aws: str) -> None:
+    from sluiceway.errors import SluicewayError
+    from sluiceway.queues.sqs import SqsBroker
+
+    prefix = fresh_prefix()
+    made = broker(aws, prefix)
+    sns = client("sns", aws)
+    arn = made._topic_arns["fanout"]
+    for sub in sns.list_subscriptions_by_topic(TopicArn=arn)["Subscriptions"]:
+        if sub["Endpoint"] == made.queue("other").arn:
+            sns.unsubscribe(SubscriptionArn=sub["SubscriptionArn"])
+    url = sqs_url(aws, prefix, manage="false")
+    with pytest.raises(SluicewayError) as e:
+        SqsBroker.from_url(url, SPECS, {"fanout": ["q", "other"]})
+    assert f"SNS topic {prefix}fanout has no subscription for SQS queue" in str(e.value)
+    assert made.queue("other").arn in str(e.value)
+    # Nothing was re-subscribed behind the user's back.
+    endpoints = {
+        s["Endpoint"] for s in sns.list_subscriptions_by_topic(TopicArn=arn)["Subscriptions"]
+    }
+    assert made.queue("other").arn not in endpoints

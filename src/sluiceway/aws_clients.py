@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from . import health
 from .backends import redact
 from .config import parse_duration
 from .errors import ConfigError, SluicewayError
@@ -186,9 +187,30 @@ def make_client(
         max_pool_connections=20,
         user_agent_extra="sluiceway",
     )
-    return (sess or session()).client(
+    client = (sess or session()).client(
         service, endpoint_url=target.endpoint_url, region_name=target.region, config=config
     )
+    return watch_client(client, service, target.display)
+
+
+def watch_client(client: Any, backend: str, display: str) -> Any:
+    """Report the client's lost connections (and their end) to :mod:`sluiceway.health`.
+
+    botocore retries a call itself, with backoff, so the only place that sees
+    each failed attempt is its ``needs-retry`` event, which fires after every
+    attempt. The handler returns None, so it never changes the retry decision.
+    """
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    def on_attempt(caught_exception: BaseException | None = None, **_: Any) -> None:
+        if caught_exception is None:
+            health.ok(backend, display)
+        elif isinstance(caught_exception, BotoConnectionError | HTTPClientError):
+            health.lost(backend, display, caught_exception)
+
+    client.meta.events.register("needs-retry", on_attempt)
+    return client
 
 
 def error_code(exc: BaseException) -> str:

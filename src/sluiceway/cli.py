@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -236,6 +237,42 @@ def status(
     console.print(ft)
     if data.get("streams"):
         _print_streams(data["streams"])
+    if data.get("connections"):
+        _print_connections(data["connections"])
+
+
+def _print_connections(connections: list[dict[str, Any]]) -> None:
+    """Connections workers lost (and got back): only those that were ever lost have a row."""
+
+    def at(t: float | None) -> str:
+        return "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    ct = Table(
+        "worker",
+        "backend",
+        "url",
+        "state",
+        "lost at",
+        "attempts",
+        "last error",
+        "recovered at",
+        "reconnects",
+        title="Connections lost",
+    )
+    for c in connections:
+        lost = c["state"] != "ok"
+        ct.add_row(
+            c["worker"],
+            c["backend"],
+            c["url"],
+            "[red]lost[/red]" if lost else "[green]ok[/green]",
+            at(c["lost_at"]),
+            str(c["attempts"]),
+            c["last_error"] or "",
+            "" if lost else at(c["recovered_at"]),
+            str(c["reconnects"]),
+        )
+    console.print(ct)
 
 
 @app.command()

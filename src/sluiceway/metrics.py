@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import health
 from .pipeline import Pipeline
 
 
@@ -114,6 +115,33 @@ class LedgerCollector(Collector):
         yield rows
         yield bytes_in
         yield latency
+        yield from connection_metrics(health.read(p.db))
+
+
+def connection_metrics(connections: list[dict[str, Any]]) -> Iterator[Any]:
+    """Lost connections (health.py) as metrics: one series per worker, backend and URL."""
+    labels = ["worker", "backend", "url"]
+    up = GaugeMetricFamily(
+        "sluiceway_connection_up",
+        "0 while a worker's connection is lost, 1 once back",
+        labels=labels,
+    )
+    attempts = GaugeMetricFamily(
+        "sluiceway_connection_failed_attempts",
+        "Failed attempts in the current (or the last) outage",
+        labels=labels,
+    )
+    reconnects = CounterMetricFamily(
+        "sluiceway_connection_reconnects", "Outages that ended in a reconnect", labels=labels
+    )
+    for c in connections:
+        values = [c["worker"], c["backend"], c["url"]]
+        up.add_metric(values, 1 if c["state"] == "ok" else 0)
+        attempts.add_metric(values, c["attempts"])
+        reconnects.add_metric(values, c["reconnects"])
+    yield up
+    yield attempts
+    yield reconnects
 
 
 def prometheus_text(pipeline: Pipeline) -> bytes:

@@ -370,9 +370,15 @@ class NotificationSource:
             from .backends import redact
 
             raise ConfigError([f"notifications {redact(url.split('?')[0])}: {e}"]) from None
-        from .buckets.s3 import boto_session
+        from .aws_clients import session as boto_session
+        from .aws_clients import watch_client
+        from .backends import redact
 
-        client = boto_session().client("sqs", endpoint_url=loc.endpoint_url, region_name=loc.region)
+        client = watch_client(
+            boto_session().client("sqs", endpoint_url=loc.endpoint_url, region_name=loc.region),
+            "sqs",
+            redact(url),
+        )
         queue_url = loc.queue_url or client.get_queue_url(QueueName=loc.queue_name)["QueueUrl"]
         return cls(pipeline, queue_url, client=client, **kwargs)
 

@@ -46,6 +46,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg import sql
 
+from . import health
 from .backends import redact
 from .errors import SluicewayError
 
@@ -305,12 +306,14 @@ class PgClient:
             conn: psycopg.Connection[Any] | None = None
             try:
                 conn = self.connection()
-                return op(conn, retried)
+                result = op(conn, retried)
             except psycopg.OperationalError as e:
                 lost = conn is None or conn.closed or conn.broken
                 rolled_back = (e.sqlstate or "").startswith("40")
                 if not (lost or rolled_back):
                     raise
+                if lost:
+                    health.lost("postgresql", self.safe_url, one_line(e))
                 now = time.monotonic()
                 deadline = deadline if deadline is not None else now + self.retry_for
                 if now >= deadline:
@@ -329,6 +332,9 @@ class PgClient:
                 time.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 2.0)
                 retried = True
+            else:
+                health.ok("postgresql", self.safe_url)
+                return result
 
     # -- schema ---------------------------------------------------------------
 

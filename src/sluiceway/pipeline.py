@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from . import backends
+from . import backends, health
 from . import config as config_mod
 from .backends import scheme_of
 from .buckets.base import Bucket, ObjectInfo
@@ -367,6 +367,7 @@ class Pipeline:
                 for q in self.queue_status()
             },
             "functions": {name: m.to_dict() for name, m in function_metrics(self).items()},
+            "connections": health.read(self.db),
             **({"streams": self.stream_status()} if self.config.streams else {}),
         }
 

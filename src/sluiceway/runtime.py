@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from . import health
 from .activity import Activity, Doing
 from .buckets.local import LocalBucket
 from .pipeline import Pipeline
@@ -117,6 +118,8 @@ class Runtime:
         self._local_worker: Worker | None = None
         self.activity = Activity(self.pipeline.db)
         self.restarts = 0
+        # The watcher, reconcile and supervisor use the backends too.
+        health.persist_to(self.pipeline.db, f"{os.uname().nodename}:{os.getpid()}:runtime")
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -224,6 +227,7 @@ class Runtime:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        health.flush()
 
     def tick(self, wait: float) -> None:
         if self._local_worker is not None:

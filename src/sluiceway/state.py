@@ -73,6 +73,21 @@ CREATE TABLE IF NOT EXISTS activity (
     updated_at  REAL NOT NULL
 );
 
+-- Connections a worker lost and how they came back (health.py), for `status`.
+CREATE TABLE IF NOT EXISTS connections (
+    owner         TEXT NOT NULL,
+    backend       TEXT NOT NULL,
+    url           TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    lost_at       REAL,
+    attempts      INTEGER NOT NULL,
+    last_error    TEXT,
+    recovered_at  REAL,
+    reconnects    INTEGER NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (owner, backend, url)
+);
+
 -- Table items (the embedded default's DynamoDB): JSON by table and key.
 CREATE TABLE IF NOT EXISTS items (
     table_name  TEXT NOT NULL,

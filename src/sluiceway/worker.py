@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from . import faults
+from . import faults, health
 from .activity import Activity
 from .buckets.base import ObjectNotFound
 from .config import DestinationConfig
@@ -234,6 +234,7 @@ class Worker:
         self.activity = Activity(pipeline.db)
         names = list(functions) if functions is not None else list(pipeline.config.functions)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        health.persist_to(pipeline.db, self.worker_id)  # lost connections, for `status`
         # Stream functions consume a stream (streams/consumer.py), not a queue.
         is_stream = {n: pipeline.config.functions[n].stream is not None for n in names}
         self.runners = {n: FunctionRunner(pipeline, n) for n in names if not is_stream[n]}
@@ -277,6 +278,7 @@ class Worker:
         """Release stream leases so a successor takes over without waiting for expiry."""
         for consumer in self.consumers.values():
             consumer.close()
+        health.flush()
 
     def process(self, function: str, queue: Queue, msg: Message) -> Outcome:
         runner = self.runners[function]

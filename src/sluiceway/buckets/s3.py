@@ -72,6 +72,8 @@ from typing import IO, Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from .. import faults
+from ..aws_clients import session as boto_session
+from ..aws_clients import watch_client
 from ..errors import ConfigError, SluicewayError
 from .base import Bucket, ObjectExists, ObjectInfo, ObjectNotFound
 
@@ -94,30 +96,6 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 OPTIONS = ("endpoint_url", "region", "path_style", "multipart_threshold", "part_size")
 OPTIONS += ("max_concurrency",)
-
-
-_loader_lock = threading.Lock()
-_loader: Any = None
-
-
-def boto_session() -> Any:
-    """A new boto3 session sharing one botocore data loader with every other.
-
-    Each session resolves credentials itself (from the environment as it is
-    now), but parsing botocore's endpoint and service JSON costs over half a
-    second per session; the loader caches it once per process.
-    """
-    global _loader
-    import boto3
-    import botocore.loaders
-    import botocore.session
-
-    with _loader_lock:
-        if _loader is None:
-            _loader = botocore.loaders.create_loader()
-        core = botocore.session.get_session()
-        core.register_component("data_loader", _loader)
-        return boto3.session.Session(botocore_session=core)
 
 
 def check_key(key: str, bucket: str) -> None:
@@ -407,8 +385,15 @@ class S3Bucket(Bucket):
                         retries={"mode": "standard", "max_attempts": 5},
                         max_pool_connections=max(10, 2 * loc.max_concurrency),
                     )
-                    self._client = boto_session().client(
-                        "s3", endpoint_url=loc.endpoint_url, region_name=loc.region, config=config
+                    self._client = watch_client(
+                        boto_session().client(
+                            "s3",
+                            endpoint_url=loc.endpoint_url,
+                            region_name=loc.region,
+                            config=config,
+                        ),
+                        "s3",
+                        self.location.describe(),
                     )
         return self._client
 

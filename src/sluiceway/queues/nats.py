@@ -96,6 +96,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from .. import health
 from ..backends import redact
 from ..errors import SluicewayError
 from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
@@ -739,14 +740,20 @@ class NatsBroker(Broker):
 
         async def on_error(e: Exception) -> None:
             errors.append(e)
+            del errors[:-START_ATTEMPTS]  # only the last ones are reported: keep memory bounded
             log.debug("NATS at %s: %s", self.safe_url, _one_line(e))
+            nc = getattr(self, "nc", None)
+            if nc is not None and nc.is_reconnecting and not self._closing:  # a failed attempt
+                health.lost("nats", self.safe_url, e)
 
         async def on_disconnect() -> None:
             if not self._closing:
                 log.warning("NATS at %s: disconnected; reconnecting", self.safe_url)
+                health.lost("nats", self.safe_url, "disconnected")
 
         async def on_reconnect() -> None:
             log.warning("NATS at %s: reconnected", self.safe_url)
+            health.ok("nats", self.safe_url)
 
         try:
             # nats-py makes the attempts itself: 1 + max_reconnect_attempts of them.

@@ -92,6 +92,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from .. import health
 from ..backends import redact
 from ..errors import SluicewayError
 from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
@@ -394,6 +395,7 @@ class _Link:
                 except Exception as e:  # refused, or the declares failed: try again later
                     self._drop(e)
                     self._last_error = e
+                    health.lost("rabbitmq", self.safe_url, e)
                     log.debug("RabbitMQ at %s: reconnect failed: %s", self.safe_url, _one_line(e))
                     self._wake.wait(random.uniform(backoff / 2, backoff))
                     self._wake.clear()
@@ -401,6 +403,7 @@ class _Link:
                     continue
                 backoff = RECONNECT_MIN
                 log.warning("RabbitMQ at %s: reconnected", self.safe_url)
+                health.ok("rabbitmq", self.safe_url)
             try:
                 self.conn.process_data_events(time_limit=0 if self._requests else TICK)  # type: ignore[union-attr]
                 self._serve()
@@ -479,6 +482,7 @@ class _Link:
             len(self.held),
         )
         self._last_error = exc
+        health.lost("rabbitmq", self.safe_url, exc)
         self._drop(exc)
 
     def _serve(self) -> None:

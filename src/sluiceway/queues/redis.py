@@ -70,6 +70,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"the Redis backend needs the redis package ({e}): pip install 'sluiceway[redis]'"
     ) from None
 
+from .. import health
 from ..backends import redact
 from ..errors import ConfigError, SluicewayError
 from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
@@ -226,10 +227,11 @@ class RedisConnection:
         attempt = 0
         while True:
             try:
-                return fn()
+                result = fn()
             except redis.AuthenticationError:
                 raise
             except (redis.ConnectionError, redis.TimeoutError) as e:
+                health.lost("redis", self.target.display, e)
                 attempt += 1
                 waited = time.monotonic() - started
                 if waited + pause > self.target.retry_for:
@@ -247,6 +249,9 @@ class RedisConnection:
                 )
                 time.sleep(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, 2.0)
+            else:
+                health.ok("redis", self.target.display)
+                return result
 
     def close(self) -> None:
         self.client.close()

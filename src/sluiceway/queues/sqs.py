@@ -10,6 +10,11 @@ URL (credentials from the standard AWS chain, never from the URL)::
     several pipelines (or test runs) share one account. Default: none.
 ``fifo``
     ``true``: FIFO queues and FIFO topics (names get ``.fifo``). Default false.
+``manage``
+    ``false``: use queues and topics that exist already (made by Terraform,
+    ``sluiceway deploy`` or by hand) without changing them: each is looked up
+    and its attributes read, never set; a missing one is an error naming it.
+    Default true (create or update everything from the pipeline file).
 ``endpoint_url``, ``region``, ``max_attempts``
     See :mod:`sluiceway.aws_clients`.
 
@@ -17,7 +22,9 @@ What maps to what
 -----------------
 * Every queue of the pipeline is created at start (``CreateQueue``, or
   ``SetQueueAttributes`` when it exists with other settings: the pipeline
-  file wins) with ``VisibilityTimeout``, ``DelaySeconds``, 14 days'
+  file wins; with ``manage=false`` the queue wins: its ``VisibilityTimeout``,
+  ``DelaySeconds`` and redrive ``maxReceiveCount`` are read and used instead
+  of the file's, and nothing is written) with ``VisibilityTimeout``, ``DelaySeconds``, 14 days'
   retention and, for queues with a DLQ, SQS's own ``RedrivePolicy``
   (``deadLetterTargetArn``, ``maxReceiveCount``). SQS counts whole seconds:
   0.3 s becomes 1 s (always rounded up, so nothing is visible earlier than
@@ -152,7 +159,7 @@ from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpe
 log = logging.getLogger("sluiceway.sqs")
 T = TypeVar("T")
 
-OWN_OPTIONS = ("prefix", "fifo")
+OWN_OPTIONS = ("prefix", "fifo", "manage")
 
 # Our message attributes (SQS allows ten per message; we use at most seven).
 A_ID = "sluiceway.id"
@@ -787,6 +794,7 @@ class SqsBroker(Broker):
         self.target = target
         self.prefix = target.options.get("prefix", "")
         self.fifo = target.flag("fifo")
+        self.manage = target.flag("manage", default=True)
         self.specs = dict(specs)
         self.subscriptions = {t: list(qs) for t, qs in (subscriptions or {}).items()}
         for dlq in {s.dead_letter_queue for s in self.specs.values()} - {None}:
@@ -861,6 +869,9 @@ class SqsBroker(Broker):
 
     def _setup(self) -> None:
         """Create (or update) every queue, DLQs first, then the topics and subscriptions."""
+        if not self.manage:
+            self._use_existing()
+            return
         done: set[str] = set()
 
         def ensure(name: str) -> None:
@@ -950,6 +961,130 @@ class SqsBroker(Broker):
         )
         self._queues[spec.name] = SqsQueue(self, spec, url, arn)
 
+    def _use_existing(self) -> None:
+        """``manage=false``: find every queue and topic, read their settings, change nothing.
+
+        The queue's own settings win over the file's (Terraform may have made
+        the visibility timeout six times the Lambda timeout, as AWS advises).
+        Every problem is collected, so one start names every missing piece.
+        """
+        from botocore.exceptions import ClientError
+
+        problems: list[str] = []
+        attributes: dict[str, dict[str, str]] = {}
+        for name in self.specs:
+            full = self.sqs_name(name)
+            try:
+                url = self.call(
+                    lambda n=full: self.sqs.get_queue_url(QueueName=n)["QueueUrl"],
+                    f"find queue {full}",
+                )
+            except ClientError as e:
+                if "NonExistentQueue" not in error_code(e) and "QueueDoesNotExist" not in str(e):
+                    raise
+                problems.append(f"SQS queue {full} (the pipeline's queue {name!r}) does not exist")
+                continue
+            attributes[name] = {
+                "QueueUrl": url,
+                **self.call(
+                    lambda u=url: self.sqs.get_queue_attributes(QueueUrl=u, AttributeNames=["All"])[
+                        "Attributes"
+                    ],
+                    f"describe queue {full}",
+                ),
+            }
+        arns = {name: a["QueueArn"] for name, a in attributes.items()}
+        for name, attrs in attributes.items():
+            spec = self.specs[name]
+            full = self.sqs_name(name)
+            if (attrs.get("FifoQueue") == "true") != self.fifo:
+                problems.append(
+                    f"SQS queue {full} is {'' if self.fifo else 'not '}expected to be FIFO "
+                    f"(fifo={'true' if self.fifo else 'false'} in the URL), but it "
+                    f"{'is not' if self.fifo else 'is'}"
+                )
+            changes: dict[str, Any] = {
+                "visibility_timeout": float(
+                    attrs.get("VisibilityTimeout", spec.visibility_timeout)
+                ),
+                "delay": float(attrs.get("DelaySeconds", spec.delay)),
+            }
+            redrive = json.loads(attrs.get("RedrivePolicy") or "null")
+            dlq = spec.dead_letter_queue
+            if redrive:
+                changes["max_receive_count"] = int(redrive["maxReceiveCount"])
+                target = redrive.get("deadLetterTargetArn")
+                if dlq is not None and dlq in arns and target != arns[dlq]:
+                    problems.append(
+                        f"SQS queue {full} dead-letters to {target}, not to the pipeline's "
+                        f"DLQ {self.sqs_name(dlq)} ({arns[dlq]})"
+                    )
+            self.specs[name] = replace(spec, **changes)
+            self._queues[name] = SqsQueue(self, self.specs[name], attrs["QueueUrl"], arns[name])
+        for topic, queues in self.subscriptions.items():
+            problems += self._check_topic(topic, [q for q in queues if q in arns])
+        if problems:
+            raise SluicewayError(
+                "\n".join(
+                    [f"{self.target.display}: manage=false uses what exists and changes nothing:"]
+                    + [f"  {p}" for p in problems]
+                    + ["Create them (`sluiceway deploy terraform` does), or drop manage=false."]
+                )
+            )
+
+    def _check_topic(self, topic: str, queues: Sequence[str]) -> list[str]:
+        """``manage=false``: the topic's ARN, and a raw-delivery subscription per queue."""
+        name = self.sqs_name(topic)
+        arn = None
+        for page in self._pages(self.sns.list_topics, "Topics", f"list topics for {name}"):
+            arn = next((t["TopicArn"] for t in page if t["TopicArn"].endswith(f":{name}")), arn)
+        if arn is None:
+            return [f"SNS topic {name} (the pipeline's topic {topic!r}) does not exist"]
+        self._topic_arns[topic] = arn
+        subs = self._subscriptions(arn, name)
+        problems = []
+        for q in queues:
+            queue = self._queues[q]
+            sub_arn = subs.get(queue.arn)
+            if sub_arn is None:
+                problems.append(f"SNS topic {name} has no subscription for SQS queue {queue.arn}")
+                continue
+            raw = self.call(
+                lambda a=sub_arn: self.sns.get_subscription_attributes(SubscriptionArn=a),
+                f"subscription of {q} to {name}",
+            )["Attributes"].get("RawMessageDelivery")
+            if raw != "true":
+                problems.append(
+                    f"the subscription of SQS queue {queue.arn} to SNS topic {name} needs "
+                    "RawMessageDelivery=true (the body must arrive as published)"
+                )
+        return problems
+
+    def _subscriptions(self, arn: str, name: str) -> dict[str, str]:
+        """A topic's confirmed SQS subscriptions: queue ARN → subscription ARN."""
+        return {
+            sub["Endpoint"]: sub["SubscriptionArn"]
+            for page in self._pages(
+                lambda **k: self.sns.list_subscriptions_by_topic(TopicArn=arn, **k),
+                "Subscriptions",
+                f"list {name}",
+            )
+            for sub in page
+            if sub.get("Protocol") == "sqs" and sub.get("SubscriptionArn", "").startswith("arn:")
+        }
+
+    def _pages(
+        self, fn: Callable[..., dict[str, Any]], key: str, what: str
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The ``key`` lists of every page of an SNS listing (``NextToken`` paging)."""
+        kwargs: dict[str, str] = {}
+        while True:
+            page = self.call(lambda k=kwargs: fn(**k), what)
+            yield page.get(key, [])
+            if not page.get("NextToken"):
+                return
+            kwargs = {"NextToken": page["NextToken"]}
+
     def _ensure_topic(self, topic: str, queues: Sequence[str]) -> str:
         name = self.sqs_name(topic)
         attributes = (
@@ -960,23 +1095,7 @@ class SqsBroker(Broker):
             f"create topic {name}",
         )
         self._topic_arns[topic] = arn
-        existing: dict[str, str] = {}  # queue ARN → subscription ARN
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"TopicArn": arn}
-            if token:
-                kwargs["NextToken"] = token
-            page = self.call(
-                lambda k=kwargs: self.sns.list_subscriptions_by_topic(**k), f"list {name}"
-            )
-            for sub in page.get("Subscriptions", []):
-                if sub.get("Protocol") == "sqs" and sub.get("SubscriptionArn", "").startswith(
-                    "arn:"
-                ):
-                    existing[sub["Endpoint"]] = sub["SubscriptionArn"]
-            token = page.get("NextToken")
-            if not token:
-                break
+        existing = self._subscriptions(arn, name)  # queue ARN → subscription ARN
         wanted = {self._queues[q].arn for q in queues if q in self._queues}
         missing = [q for q in queues if q not in self._queues]
         if missing:
