@@ -50,7 +50,7 @@ def test_disk_full_on_write_retries_and_leaves_nothing_half_written(
     p = Pipeline.from_file(write_pipeline(text))
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (480 * 1024))
-    records = make_csv(tmp_path / "big.csv", 3000)
+    records = make_csv(tmp_path / "big.csv", 20000)
     p.put(tmp_path / "big.csv", "bronze", "big.csv")
     statuses = drain_inline_some(p, rounds=5)
     assert statuses and set(statuses) == {"retry"}, statuses
