@@ -122,7 +122,7 @@ def test_unreachable_endpoint_is_one_clear_error(monkeypatch: pytest.MonkeyPatch
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(AwsUnavailable) as e:
         ledger(url)
-    assert f"dynamodb://?endpoint_url={url}" in str(e.value) and "ListTables" in str(e.value)
+    assert f"dynamodb://?endpoint_url={url}" in str(e.value) and "DescribeTable" in str(e.value)
     from sluiceway.ledgers.dynamodb import DynamoLedger
 
     with pytest.raises(ConfigError, match="credentials never go in the URL") as bad:

@@ -334,14 +334,15 @@ def test_role_grants_only_what_the_function_uses(example: tuple[Any, dict[str, A
         "actions": ["sqs:SendMessage"],
         "resources": ["${aws_sqs_queue.to_parquet_dlq.arn}"],
     }
-    # Nothing writes to bronze, nothing is granted on every resource but the probe.
+    # Nothing writes to bronze, nothing is granted on every resource (the start-up
+    # probe is DescribeTable on the ledger's own tables).
     for sid, s in st.items():
-        if sid != "DynamoProbe":
-            assert "*" not in s["resources"], sid
+        assert "*" not in s["resources"], sid
         assert not any(a.endswith(":*") for a in s["actions"]), sid
         if "bronze" in str(s["resources"]):
             assert set(s["actions"]) <= {"s3:GetObject", "s3:ListBucket"}, sid
-    assert st["DynamoProbe"]["actions"] == ["dynamodb:ListTables"]
+    assert "DynamoProbe" not in st
+    assert "dynamodb:DescribeTable" in st["LedgerEntries"]["actions"]
     # Sent ids are read and written only by functions that publish.
     assert st["LedgerSent"]["actions"] == ["dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive"]
 
@@ -545,7 +546,6 @@ def test_stream_function_role_is_least_privilege(lake: tuple[Any, dict[str, Any]
         "LedgerEntries",
         "LedgerObjects",
         "LedgerSent",
-        "DynamoProbe",
     }
     read = role["ReadStream"]
     assert read["resources"] == ["${aws_kinesis_stream.events.arn}"]
@@ -571,5 +571,5 @@ def test_stream_function_role_is_least_privilege(lake: tuple[Any, dict[str, Any]
     assert "dynamodb:PutItem" in state["actions"] and "dynamodb:Scan" not in state["actions"]
     every = {a for s in role.values() for a in s["actions"]}
     assert not {a for a in every if a.startswith("sqs:Receive") or a == "kinesis:PutRecords"}
-    # Nothing but the probe on "*".
-    assert [s for s, body in role.items() if "*" in body["resources"]] == ["DynamoProbe"]
+    # Nothing on "*".
+    assert [s for s, body in role.items() if "*" in body["resources"]] == []

@@ -336,16 +336,9 @@ class Dynamo:
             raise ConfigError(
                 [f"{target.display}: table_prefix may hold only letters, digits, '_', '-' and '.'"]
             )
-        sess = session()
-        probe(
-            "dynamodb",
-            target,
-            what,
-            lambda c: c.list_tables(Limit=1),
-            "DynamoDB ListTables",
-            sess=sess,
-        )
-        self.client = make_client("dynamodb", target, sess=sess)
+        self._session = session()
+        self._probed = False
+        self.client = make_client("dynamodb", target, sess=self._session)
 
     @classmethod
     def from_url(cls, url: str, what: str) -> Dynamo:
@@ -374,6 +367,32 @@ class Dynamo:
                 f"after {self.target.max_attempts} attempts: {e}"
             ) from e
 
+    def _probe(self, table: str) -> None:
+        """Check the endpoint once, on the first table used, with DescribeTable on it.
+
+        DescribeTable can be granted on the table alone, so the IAM policy
+        needs no unscoped action (ListTables can only be granted on "*"). A
+        missing table still proves the endpoint, region and credentials work.
+        """
+        from botocore.exceptions import ClientError
+
+        def describe(c: Any) -> None:
+            try:
+                c.describe_table(TableName=table)
+            except ClientError as e:
+                if error_code(e) != "ResourceNotFoundException":
+                    raise
+
+        probe(
+            "dynamodb",
+            self.target,
+            self.what,
+            describe,
+            f"DynamoDB DescribeTable {table}",
+            sess=self._session,
+        )
+        self._probed = True
+
     def ensure_table(
         self,
         name: str,
@@ -389,6 +408,8 @@ class Dynamo:
         """
         from botocore.exceptions import ClientError
 
+        if not self._probed:
+            self._probe(name)
         c = self.client
         try:
             self.call(lambda: c.describe_table(TableName=name), f"describe table {name}")

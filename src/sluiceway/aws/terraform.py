@@ -361,9 +361,7 @@ class Plan:
         if publishes:
             sent_actions += ["dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"]
         out.append(Statement("LedgerSent", tuple(sent_actions), (Ref("table", sent.label),)))
-        # The DynamoDB backends check the endpoint with ListTables when they
-        # start; it cannot be limited to tables (AWS has no resource for it).
-        out.append(Statement("DynamoProbe", ("dynamodb:ListTables",), ("*",)))
+        # The start-up probe is DescribeTable on the first table, granted above.
         return out
 
     def stream_function_statements(self, fn: StreamFunctionPlan) -> list[Statement]:
