@@ -33,16 +33,12 @@ def moto(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("aws"))
 
 
-def sqs_url(endpoint: str, prefix: str = "", **options: str) -> str:
-    """An ``sqs://`` broker URL on the moto endpoint."""
+def sqs_url(endpoint: str, prefix: str | None = "", **options: str) -> str:
+    """An ``sqs://`` broker URL on the moto endpoint (``prefix=None``: the default prefix)."""
+    given = {} if prefix is None else {"prefix": prefix}
     query = "&".join(
         f"{k}={v}"
-        for k, v in {
-            "endpoint_url": endpoint,
-            "region": REGION,
-            "prefix": prefix,
-            **options,
-        }.items()
+        for k, v in {"endpoint_url": endpoint, "region": REGION, **given, **options}.items()
     )
     return f"sqs://?{query}"
 
@@ -79,6 +75,16 @@ def sqs_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
     from .contract.test_queues import SPECS, SUBSCRIPTIONS
 
     return SqsBroker.from_url(sqs_url(moto(request), fresh_prefix()), SPECS, SUBSCRIPTIONS)
+
+
+def sqs_pipeline_broker(request: pytest.FixtureRequest, pipeline: str) -> Broker:
+    """The contract suite's broker for pipeline ``pipeline``, on the default prefix."""
+    from sluiceway.queues.sqs import SqsBroker
+
+    from .contract.test_queues import SPECS, SUBSCRIPTIONS
+
+    url = sqs_url(moto(request), None)
+    return SqsBroker.from_url(url, SPECS, SUBSCRIPTIONS, pipeline=pipeline)
 
 
 def dynamo_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:

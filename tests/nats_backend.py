@@ -50,3 +50,15 @@ def nats_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
     """The contract suite's factory: its SPECS and SUBSCRIPTIONS on a fresh prefix."""
     module = request.module
     return make_broker(request, module.SPECS, module.SUBSCRIPTIONS)
+
+
+def nats_pipeline_broker(request: pytest.FixtureRequest, pipeline: str) -> Broker:
+    """The contract suite's broker for pipeline ``pipeline``, on the default prefix."""
+    from sluiceway.queues.nats import NatsBroker
+
+    from .contract.test_queues import SPECS, SUBSCRIPTIONS
+
+    require_nats()
+    broker = NatsBroker.from_url(NATS_URL, SPECS, SUBSCRIPTIONS, pipeline=pipeline)
+    request.addfinalizer(broker.destroy)
+    return broker

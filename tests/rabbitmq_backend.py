@@ -126,3 +126,15 @@ def offer_files_once_workers_poll(runtime: Runtime, port: int) -> None:
         runtime.pipeline.reconcile()
 
     runtime.start = start_then_reconcile  # type: ignore[method-assign]
+
+
+def rabbitmq_pipeline_broker(request: pytest.FixtureRequest, pipeline: str) -> Broker:
+    """The contract suite's broker for pipeline ``pipeline``, on the default prefix."""
+    from sluiceway.queues.rabbitmq import RabbitBroker
+
+    from .contract.test_queues import SPECS, SUBSCRIPTIONS
+
+    require_rabbitmq()
+    broker = RabbitBroker.from_url(RABBITMQ_URL, SPECS, SUBSCRIPTIONS, pipeline=pipeline)
+    request.addfinalizer(broker.destroy)
+    return broker

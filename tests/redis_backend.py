@@ -91,3 +91,14 @@ def redis_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
     from sluiceway.ledgers.redis import RedisLedger
 
     return RedisLedger.from_url(redis_url(fresh_prefix(request)), "test")
+
+
+def redis_pipeline_broker(request: pytest.FixtureRequest, pipeline: str) -> Broker:
+    """The contract suite's broker for pipeline ``pipeline``, on the default prefix."""
+    from sluiceway.queues.redis import DEFAULT_PREFIX, RedisBroker
+
+    from .contract.test_queues import SPECS, SUBSCRIPTIONS
+
+    require_redis()
+    request.addfinalizer(lambda: delete_keys(f"{DEFAULT_PREFIX}:{pipeline}"))
+    return RedisBroker.from_url(REDIS_URL, SPECS, SUBSCRIPTIONS, pipeline=pipeline)

@@ -18,7 +18,8 @@ from .errors import ConfigError
 
 # scheme → "module:factory". Factories:
 #   bucket(name, url) -> Bucket
-#   broker(url, specs: dict[str, QueueSpec], subscriptions: dict[str, list[str]]) -> Broker
+#   broker(url, specs: dict[str, QueueSpec], subscriptions: dict[str, list[str]],
+#          *, pipeline: str) -> Broker  (the pipeline's name goes into the default prefix)
 #   ledger(url, namespace: str) -> Ledger
 #   table(url, name: str, key: list[str], namespace: str) -> Table
 BUCKETS: dict[str, str] = {

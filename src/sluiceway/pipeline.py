@@ -122,7 +122,8 @@ class Pipeline:
         if url is None:
             return SqliteBroker(self.db, self.queue_specs(), subs)
         url = expand_env(url)
-        return backends.factory("broker", backends.BROKERS, url)(url, self.queue_specs(), subs)
+        make = backends.factory("broker", backends.BROKERS, url)
+        return make(url, self.queue_specs(), subs, pipeline=self.name)
 
     @cached_property
     def ledger(self) -> Ledger:

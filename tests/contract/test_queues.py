@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,14 +12,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from sluiceway.queues.base import Broker, OutgoingMessage, QueueSpec
+from sluiceway.queues.base import Broker, OutgoingMessage, QueueCounts, QueueSpec
 from sluiceway.queues.sqlite import SqliteBroker
 from sluiceway.state import StateDB
 
-from ..aws_backend import sqs_broker
-from ..nats_backend import nats_broker
-from ..rabbitmq_backend import rabbitmq_broker
-from ..redis_backend import redis_broker
+from ..aws_backend import sqs_broker, sqs_pipeline_broker
+from ..nats_backend import nats_broker, nats_pipeline_broker
+from ..rabbitmq_backend import rabbitmq_broker, rabbitmq_pipeline_broker
+from ..redis_backend import redis_broker, redis_pipeline_broker
 
 SPECS = {
     "q": QueueSpec("q", visibility_timeout=0.3, max_receive_count=2, dead_letter_queue="q-dlq"),
@@ -42,6 +43,17 @@ BACKENDS["rabbitmq"] = rabbitmq_broker
 BACKENDS["nats"] = nats_broker
 
 
+# name → factory(request, pipeline name) building the broker a pipeline of that name
+# gets from a URL without ?prefix= (its keys, queues or streams deleted afterwards).
+# SQLite has no entry: its broker lives in the pipeline's own state file.
+PIPELINE_BROKERS: dict[str, Callable[[pytest.FixtureRequest, str], Broker]] = {
+    "redis": redis_pipeline_broker,
+    "sqs": sqs_pipeline_broker,
+    "rabbitmq": rabbitmq_pipeline_broker,
+    "nats": nats_pipeline_broker,
+}
+
+
 @pytest.fixture(params=sorted(BACKENDS))
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     b = BACKENDS[request.param](request, tmp_path)
@@ -54,6 +66,49 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached before the deadline"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", sorted(PIPELINE_BROKERS))
+def test_two_pipelines_on_one_broker_do_not_meet(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Without ?prefix=, the pipeline's name keeps same-named queues and topics apart."""
+    run = uuid.uuid4().hex[:8]
+    one = PIPELINE_BROKERS[backend](request, f"one{run}")
+    two = PIPELINE_BROKERS[backend](request, f"two{run}")
+    try:
+        one.queue("q").send("for one")
+        one.publish("fanout", [OutgoingMessage("fanned to one")])
+        two.queue("other").send("for two")
+        assert two.queue("q").receive(10, wait=0.5) == []
+        assert [m.body for m in two.queue("other").receive(10, wait=1.0)] == ["for two"]
+        got = sorted(m.body for m in one.queue("q").receive(10, wait=1.0))
+        assert got == ["fanned to one", "for one"]
+        assert [m.body for m in one.queue("other").receive(10, wait=1.0)] == ["fanned to one"]
+        assert two.queue("q").counts() == QueueCounts(0, 0, 0)
+    finally:
+        one.close()
+        two.close()
+
+
+def test_an_explicit_prefix_wins_over_the_pipeline_name(request: pytest.FixtureRequest) -> None:
+    """Deployments that set ?prefix= keep their names; so does ?prefix= (empty) on SQS."""
+    from sluiceway.queues.redis import RedisBroker
+    from sluiceway.queues.sqs import SqsBroker
+
+    from ..aws_backend import moto, sqs_url
+    from ..redis_backend import fresh_prefix, redis_url
+
+    prefix = fresh_prefix(request)
+    redis = RedisBroker.from_url(redis_url(prefix), SPECS, SUBSCRIPTIONS, pipeline="p")
+    endpoint = moto(request)
+    sqs = SqsBroker.from_url(sqs_url(endpoint, ""), SPECS, SUBSCRIPTIONS, pipeline="p")
+    default = SqsBroker.from_url(sqs_url(endpoint, None), SPECS, SUBSCRIPTIONS, pipeline="p")
+    try:
+        assert (redis.prefix, sqs.prefix, default.prefix) == (prefix, "", "p-")
+    finally:
+        for b in (redis, sqs, default):
+            b.close()
 
 
 def test_send_receive_ack(broker: Broker) -> None:

@@ -882,7 +882,10 @@ class LambdaApp:
             return None
         from urllib.parse import parse_qs, urlsplit
 
-        return parse_qs(urlsplit(url).query).get("prefix", [None])[-1]
+        from ..queues.base import broker_prefix
+
+        given = parse_qs(urlsplit(url).query, keep_blank_values=True).get("prefix", [None])[-1]
+        return broker_prefix(given, self.config.pipeline, "", "{pipeline}-")
 
     @property
     def sqs(self) -> Any:

@@ -1,7 +1,7 @@
 """NATS JetStream queues and topics (nats-py): SQS semantics on pull consumers.
 
 ``nats://[user:${PASSWORD}@]host:4222?prefix=sw.my-pipeline`` — the prefix
-(default ``sluiceway``) names everything this backend creates; also
+(default ``sluiceway.<pipeline>``) names everything this backend creates; also
 ``replicas=N`` (stream replicas, default 1) and ``duplicate_window=SECONDS``
 (message-id dedup window, default 120).
 
@@ -99,7 +99,7 @@ from nats.js.api import (
 from .. import health
 from ..backends import redact
 from ..errors import SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
 
 log = logging.getLogger("sluiceway.nats")
 
@@ -675,11 +675,14 @@ class NatsBroker(Broker):
         subscriptions: Mapping[str, Sequence[str]] | None = None,
         *,
         retry_for: float = RETRY_FOR,
+        pipeline: str | None = None,
     ) -> None:
         self.url = url
         self.safe_url = redact(url)
         self.server_url, ours = split_url(url)
-        self.prefix = ours.get("prefix") or DEFAULT_PREFIX
+        self.prefix = broker_prefix(
+            ours.get("prefix") or None, pipeline, DEFAULT_PREFIX, DEFAULT_PREFIX + ".{pipeline}"
+        )
         if not all(TOKEN_RE.match(t) for t in self.prefix.split(".")):
             raise NatsError(
                 f"broker URL {self.safe_url!r}: prefix {self.prefix!r} must be dot-separated "
@@ -726,8 +729,10 @@ class NatsBroker(Broker):
         url: str,
         specs: Mapping[str, QueueSpec],
         subscriptions: Mapping[str, Sequence[str]] | None = None,
+        *,
+        pipeline: str | None = None,
     ) -> NatsBroker:
-        return cls(url, specs, subscriptions)
+        return cls(url, specs, subscriptions, pipeline=pipeline)
 
     def __repr__(self) -> str:
         return f"NatsBroker({self.safe_url!r}, stream={self.stream!r})"

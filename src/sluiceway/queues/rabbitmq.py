@@ -1,7 +1,7 @@
 """RabbitMQ queues and topics (pika): SQS semantics on quorum queues.
 
 ``amqp://user:${PASSWORD}@host:5672/vhost?prefix=sw.my-pipeline`` — every
-name this backend creates starts with ``prefix`` (default ``sluiceway``), so
+name this backend creates starts with ``prefix`` (default ``sluiceway.<pipeline>``), so
 pipelines (and test runs) sharing a server stay apart. Other query
 parameters go to pika (``heartbeat``, ``socket_timeout``, …).
 
@@ -95,7 +95,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from .. import health
 from ..backends import redact
 from ..errors import SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
 
 log = logging.getLogger("sluiceway.rabbitmq")
 
@@ -980,11 +980,14 @@ class RabbitBroker(Broker):
         subscriptions: Mapping[str, Sequence[str]] | None = None,
         *,
         retry_for: float = RETRY_FOR,
+        pipeline: str | None = None,
     ) -> None:
         self.url = url
         self.safe_url = redact(url)
         pika_url, ours = split_url(url)
-        self.prefix = ours.get("prefix") or DEFAULT_PREFIX
+        self.prefix = broker_prefix(
+            ours.get("prefix") or None, pipeline, DEFAULT_PREFIX, DEFAULT_PREFIX + ".{pipeline}"
+        )
         self.specs = dict(specs)
         self.subscriptions = {t: list(qs) for t, qs in (subscriptions or {}).items()}
         for topic, names in self.subscriptions.items():
@@ -1006,8 +1009,10 @@ class RabbitBroker(Broker):
         url: str,
         specs: Mapping[str, QueueSpec],
         subscriptions: Mapping[str, Sequence[str]] | None = None,
+        *,
+        pipeline: str | None = None,
     ) -> RabbitBroker:
-        return cls(url, specs, subscriptions)
+        return cls(url, specs, subscriptions, pipeline=pipeline)
 
     def __repr__(self) -> str:
         return f"RabbitBroker({self.safe_url!r}, prefix={self.prefix!r})"

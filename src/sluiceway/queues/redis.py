@@ -1,7 +1,7 @@
 """Queues and topics on Redis Streams: SQS semantics on a server every worker can reach.
 
 Layout, for a queue ``NAME`` under the URL's prefix ``P`` (``?prefix=``,
-default ``sluiceway``), with ``Q = P:q:NAME``:
+default ``sluiceway:<pipeline>`` for the broker), with ``Q = P:q:NAME``:
 
 ``Q:s``
     The stream, with one consumer group. An entry is a pointer (field
@@ -73,7 +73,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 from .. import health
 from ..backends import redact
 from ..errors import ConfigError, SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
 
 log = logging.getLogger("sluiceway.redis")
 
@@ -110,6 +110,7 @@ class RedisTarget:
     display: str  # for messages: password hidden
     prefix: str
     retry_for: float
+    prefix_given: bool = False  # in the URL, rather than the default
 
 
 def parse_url(url: str) -> RedisTarget:
@@ -128,14 +129,15 @@ def parse_url(url: str) -> RedisTarget:
     db = segments[0] if segments else ""
     if db and not db.isdigit():
         raise ConfigError([f"redis URL {display!r}: the path must start with a database number"])
-    prefix = own.get("prefix") or "/".join(segments[1:]) or DEFAULT_PREFIX
+    given = own.get("prefix") or "/".join(segments[1:])
+    prefix = given or DEFAULT_PREFIX
     try:
         retry_for = float(own.get("retry_for", DEFAULT_RETRY_FOR))
     except ValueError:
         problem = f"redis URL {display!r}: retry_for must be a number of seconds"
         raise ConfigError([problem]) from None
     client_url = parts._replace(path=f"/{db}" if db else "", query=urlencode(rest)).geturl()
-    return RedisTarget(client_url, display, prefix, retry_for)
+    return RedisTarget(client_url, display, prefix, retry_for, bool(given))
 
 
 def _display(url: str) -> str:
@@ -787,9 +789,12 @@ class RedisBroker(Broker):
         conn: RedisConnection,
         specs: Mapping[str, QueueSpec],
         subscriptions: Mapping[str, Sequence[str]] | None = None,
+        *,
+        pipeline: str | None = None,
     ) -> None:
         self.conn = conn
-        self.prefix = conn.target.prefix
+        given = conn.target.prefix if conn.target.prefix_given else None
+        self.prefix = broker_prefix(given, pipeline, DEFAULT_PREFIX, DEFAULT_PREFIX + ":{pipeline}")
         self.specs = dict(specs)
         self.subscriptions = {t: list(qs) for t, qs in (subscriptions or {}).items()}
         self.scripts = _Scripts(conn.client)
@@ -804,9 +809,11 @@ class RedisBroker(Broker):
         url: str,
         specs: Mapping[str, QueueSpec],
         subscriptions: Mapping[str, Sequence[str]] | None = None,
+        *,
+        pipeline: str | None = None,
     ) -> RedisBroker:
         """``redis://host:port/db?prefix=…``: connects now, so a wrong URL fails at start."""
-        return cls(RedisConnection.open(url, "broker"), specs, subscriptions)
+        return cls(RedisConnection.open(url, "broker"), specs, subscriptions, pipeline=pipeline)
 
     def __repr__(self) -> str:
         return f"RedisBroker({self.conn.target.display!r})"

@@ -7,7 +7,8 @@ URL (credentials from the standard AWS chain, never from the URL)::
 
 ``prefix``
     Put before every queue and topic name (``mypipeline-to-parquet``), so
-    several pipelines (or test runs) share one account. Default: none.
+    several pipelines (or test runs) share one account. Default: the
+    pipeline's name and ``-`` (Terraform's default too); ``prefix=`` (empty): none.
 ``fifo``
     ``true``: FIFO queues and FIFO topics (names get ``.fifo``). Default false.
 ``manage``
@@ -154,7 +155,7 @@ from ..aws_clients import (
     session,
 )
 from ..errors import ConfigError, SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
 
 log = logging.getLogger("sluiceway.sqs")
 T = TypeVar("T")
@@ -790,9 +791,13 @@ class SqsBroker(Broker):
         target: AwsTarget,
         specs: Mapping[str, QueueSpec],
         subscriptions: Mapping[str, Sequence[str]] | None = None,
+        *,
+        pipeline: str | None = None,
     ) -> None:
         self.target = target
-        self.prefix = target.options.get("prefix", "")
+        # The default is Terraform's too (``<pipeline>-``); an explicit empty
+        # ``?prefix=`` means no prefix at all.
+        self.prefix = broker_prefix(target.options.get("prefix"), pipeline, "", "{pipeline}-")
         self.fifo = target.flag("fifo")
         self.manage = target.flag("manage", default=True)
         self.specs = dict(specs)
@@ -821,9 +826,11 @@ class SqsBroker(Broker):
         url: str,
         specs: Mapping[str, QueueSpec],
         subscriptions: Mapping[str, Sequence[str]] | None = None,
+        *,
+        pipeline: str | None = None,
     ) -> SqsBroker:
         """``sqs://?region=…&prefix=…``: creates the queues and topics now."""
-        return cls(parse_url(url, "sqs", OWN_OPTIONS), specs, subscriptions)
+        return cls(parse_url(url, "sqs", OWN_OPTIONS), specs, subscriptions, pipeline=pipeline)
 
     def __repr__(self) -> str:
         return f"SqsBroker({self.target.display!r})"
