@@ -2,7 +2,8 @@
 
 The contract suites (tests/contract) call :func:`sqs_broker`,
 :func:`dynamo_ledger` and :func:`dynamo_table` through their ``BACKENDS``
-dicts; the AWS tests use :func:`sqs_url` and :func:`dynamodb_url` directly.
+dicts; the AWS tests use :func:`sqs_url` and :func:`dynamodb_url` directly, and the
+Lambda tests :func:`kinesis_record` for what an event source mapping hands over.
 Each factory asks for the ``aws`` fixture (tests/conftest.py): the session's
 moto server, reset (so every test starts with no queues, topics or tables),
 with dummy credentials in the environment the way users give real ones.
@@ -14,6 +15,8 @@ the contract suites works where boto3 is not installed.
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,39 @@ from sluiceway.queues.base import Broker
 from sluiceway.tables.base import Table
 
 REGION = "us-east-1"
+STREAM_ARN = "arn:aws:kinesis:us-east-1:123456789012:stream/events"
+
+
+def kinesis_record(
+    seq: int,
+    data: Any,
+    *,
+    shard: int = 0,
+    arrival: float = 1_700_000_000.5,
+    stream_arn: str = STREAM_ARN,
+) -> dict[str, Any]:
+    """One Kinesis record as the event source mapping hands it to Lambda.
+
+    ``data``: bytes as they are, anything else as JSON; the partition key is
+    its ``event_uuid`` when it has one.
+    """
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return {
+        "kinesis": {
+            "kinesisSchemaVersion": "1.0",
+            "partitionKey": str(data.get("event_uuid", "k")) if isinstance(data, dict) else "k",
+            "sequenceNumber": str(seq),
+            "data": base64.b64encode(raw).decode(),
+            "approximateArrivalTimestamp": arrival,
+        },
+        "eventSource": "aws:kinesis",
+        "eventVersion": "1.0",
+        "eventID": f"shardId-00000000000{shard}:{seq}",
+        "eventName": "aws:kinesis:record",
+        "invokeIdentityArn": "arn:aws:iam::123456789012:role/lake",
+        "awsRegion": REGION,
+        "eventSourceARN": stream_arn,
+    }
 
 
 def moto(request: pytest.FixtureRequest) -> str:

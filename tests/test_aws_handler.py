@@ -9,7 +9,6 @@ DynamoDB in moto, through the handler.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import textwrap
@@ -28,6 +27,7 @@ from sluiceway.aws.handler import (
 from sluiceway.events import Event
 from sluiceway.pipeline import Pipeline
 
+from .aws_backend import kinesis_record
 from .conftest import conformance_dir
 
 SEEN: list[dict[str, Any]] = []
@@ -340,21 +340,6 @@ def sqs_record(i: int, body: Any, *, receives: int = 1, fifo: bool = False) -> d
         "messageAttributes": {},
         "eventSource": "aws:sqs",
         "eventSourceARN": f"arn:aws:sqs:us-east-1:123456789012:{queue}",
-        "awsRegion": "us-east-1",
-    }
-
-
-def kinesis_record(seq: int, data: Any) -> dict[str, Any]:
-    return {
-        "kinesis": {
-            "partitionKey": "k",
-            "sequenceNumber": str(seq),
-            "data": base64.b64encode(json.dumps(data).encode()).decode(),
-            "approximateArrivalTimestamp": 1700000000.5,
-        },
-        "eventSource": "aws:kinesis",
-        "eventID": f"shardId-000000000000:{seq}",
-        "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/events",
         "awsRegion": "us-east-1",
     }
 

@@ -10,7 +10,6 @@ event. The dataset is read back and every event must be there exactly once.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -25,7 +24,7 @@ import pytest
 from sluiceway.aws.handler import LambdaApp
 from sluiceway.aws.streams import StreamState
 
-from .aws_backend import client, dynamodb_url, fresh_prefix
+from .aws_backend import client, dynamodb_url, fresh_prefix, kinesis_record
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "events-to-lake" / "sluiceway.yaml"
@@ -45,24 +44,8 @@ def event(uuid: str, name: str = "signup", day: str = "2026-11-24") -> dict[str,
 
 def record(n: int, data: Any, *, shard: int = 0, at: float | None = None) -> dict[str, Any]:
     """Record ``n`` of a shard as the ESM hands it to Lambda."""
-    seq = str(BASE_SEQ + n)
-    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return {
-        "kinesis": {
-            "kinesisSchemaVersion": "1.0",
-            "partitionKey": str(data.get("event_uuid")) if isinstance(data, dict) else "x",
-            "sequenceNumber": seq,
-            "data": base64.b64encode(raw).decode(),
-            "approximateArrivalTimestamp": T0 + n if at is None else at,
-        },
-        "eventSource": "aws:kinesis",
-        "eventVersion": "1.0",
-        "eventID": f"shardId-00000000000{shard}:{seq}",
-        "eventName": "aws:kinesis:record",
-        "invokeIdentityArn": "arn:aws:iam::123456789012:role/lake",
-        "awsRegion": "us-east-1",
-        "eventSourceARN": STREAM_ARN,
-    }
+    arrival = T0 + n if at is None else at
+    return kinesis_record(BASE_SEQ + n, data, shard=shard, arrival=arrival, stream_arn=STREAM_ARN)
 
 
 def batch(*records: dict[str, Any]) -> dict[str, Any]:

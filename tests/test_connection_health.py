@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import textwrap
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from sluiceway.state import StateDB
 from .helpers import wait_until
 from .postgres_backend import connect, fresh_schema, pg_url, require_postgres
 from .redis_backend import fresh_prefix as redis_prefix
+from .runlog_pipeline import runs, write_runlog_pipeline
 from .services import (
     NATS_URL,
     POSTGRES_URL,
@@ -194,44 +194,6 @@ def test_sqs_reports_a_lost_connection(request: pytest.FixtureRequest) -> None:
 
 # -- end to end: worker processes, a broker and a ledger cut while they work -----------
 
-PIPELINE = """
-pipeline: health-e2e
-buckets:
-  bronze: ./bronze
-tables:
-  customers: {{key: [id]}}
-queues:
-  work: {{visibility_timeout: 60s, max_receive_count: 5, backoff_base: 0.05s, backoff_max: 0.2s}}
-rules:
-  - name: csv
-    pattern: {{detail: {{bucket: {{name: [bronze]}}, object: {{key: [{{suffix: .csv}}]}}}}}}
-    targets: [work]
-functions:
-  load:
-    queue: work
-    steps:
-      - read_csv: {{columns: {{id: int}}}}
-      - call: health_steps:record_run
-      - write_table: {{table: customers}}
-profiles:
-  cut:
-    broker: "{broker}"
-    ledger: "{ledger}"
-    tables: "{ledger}"
-"""
-
-# Each run of the function appends a line (O_APPEND: whole lines from any
-# process): a second processing of an input cannot go unnoticed.
-STEPS = """
-import os, time
-
-def record_run(batch, ctx):
-    with open(os.environ["HEALTH_RUNLOG"], "a") as f:
-        f.write(f"{ctx.input_name}\\n")
-    time.sleep(0.3)
-    return batch
-"""
-
 INPUTS = 12
 ROWS = 5
 
@@ -249,13 +211,16 @@ def cut_pipeline(
             "://127.0.0.1", f"://{user}:${{HEALTH_PG_PASSWORD}}@127.0.0.1", 1
         )
         monkeypatch.setenv("HEALTH_PG_PASSWORD", "s3cret-pw")
-        path = tmp_path / "sluiceway.yaml"
-        path.write_text(textwrap.dedent(PIPELINE.format(broker=broker, ledger=ledger)))
-        (tmp_path / "health_steps.py").write_text(STEPS)
-        runlog = tmp_path / "runs.log"
-        runlog.touch()
-        monkeypatch.setenv("SLUICEWAY_PROFILE", "cut")
-        monkeypatch.setenv("HEALTH_RUNLOG", str(runlog))
+        path, runlog = write_runlog_pipeline(
+            tmp_path,
+            monkeypatch,
+            name="health-e2e",
+            work="visibility_timeout: 60s, max_receive_count: 5, backoff_base: 0.05s, "
+            "backoff_max: 0.2s",
+            profile="cut",
+            backends={"broker": broker, "ledger": ledger, "tables": ledger},
+            sleep=0.3,
+        )
         monkeypatch.chdir(tmp_path)
         (tmp_path / "bronze").mkdir()
         for i in range(INPUTS):
@@ -322,8 +287,8 @@ def test_workers_report_lost_connections_in_status_and_lose_no_message(
 
     # Nothing lost, nothing twice: every input ran once, every row is in the table once.
     assert summary.done == INPUTS, summary
-    runs = Counter(runlog.read_text().split())
-    assert runs == Counter(f"bronze/in{i}.csv" for i in range(INPUTS)), runs
+    counted = runs(runlog)
+    assert counted == Counter(f"bronze/in{i}.csv" for i in range(INPUTS)), counted
     with connect() as conn:
         table = f'"{cut_pipeline["schema"]}".customers'
         ids = [r[0] for r in conn.execute(f"SELECT id FROM {table}").fetchall()]

@@ -9,8 +9,6 @@ same time process each input once.
 from __future__ import annotations
 
 import csv
-import textwrap
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,45 +17,9 @@ import pytest
 from sluiceway import Pipeline, Runtime
 
 from .postgres_backend import connect, fresh_schema, pg_url
+from .runlog_pipeline import runs, write_runlog_pipeline
 
 ROWS = 40  # per input file
-
-PIPELINE = """
-pipeline: pg-e2e
-buckets:
-  bronze: ./bronze
-tables:
-  customers: {{key: [id]}}
-queues:
-  work: {{visibility_timeout: 3s, max_receive_count: 5, backoff_base: 0.01s, backoff_max: 0.05s}}
-rules:
-  - name: csv
-    pattern: {{detail: {{bucket: {{name: [bronze]}}, object: {{key: [{{suffix: .csv}}]}}}}}}
-    targets: [work]
-functions:
-  load:
-    queue: work
-    steps:
-      - read_csv: {{columns: {{id: int}}}}
-      - call: pg_e2e_steps:record_run
-      - write_table: {{table: customers}}
-profiles:
-  pg:
-    ledger: {url}
-    tables: {url}
-"""
-
-# Every run of the function appends a line (O_APPEND: whole lines, from any
-# process), so a second processing of an input cannot go unnoticed.
-STEPS = """
-import os, time
-
-def record_run(batch, ctx):
-    with open(os.environ["PG_E2E_RUNLOG"], "a") as f:
-        f.write(f"{ctx.input_name} {os.getpid()}\\n")
-    time.sleep(float(os.environ.get("PG_E2E_SLEEP", "0")))
-    return batch
-"""
 
 
 @pytest.fixture
@@ -65,14 +27,15 @@ def setup(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, Any]:
     schema = fresh_schema(request)
-    path = tmp_path / "sluiceway.yaml"
-    path.write_text(textwrap.dedent(PIPELINE.format(url=pg_url(schema))))
-    (tmp_path / "pg_e2e_steps.py").write_text(STEPS)
-    runlog = tmp_path / "runs.log"
-    runlog.touch()
-    # Runtime(profile=…) exports SLUICEWAY_PROFILE for its workers; restore it afterwards.
-    monkeypatch.setenv("SLUICEWAY_PROFILE", "pg")
-    monkeypatch.setenv("PG_E2E_RUNLOG", str(runlog))
+    path, runlog = write_runlog_pipeline(
+        tmp_path,
+        monkeypatch,
+        name="pg-e2e",
+        work="visibility_timeout: 3s, max_receive_count: 5, backoff_base: 0.01s, "
+        "backoff_max: 0.05s",
+        profile="pg",
+        backends={"ledger": pg_url(schema), "tables": pg_url(schema)},
+    )
     pipeline = Pipeline.from_file(path, "pg")
     yield {"schema": schema, "path": path, "pipeline": pipeline, "runlog": runlog}
     pipeline.ledger.close()
@@ -103,10 +66,6 @@ def ledger_rows(schema: str) -> list[tuple[Any, ...]]:
         return conn.execute(
             f'SELECT key, status, attempts FROM "{schema}"._ledger_entries ORDER BY key'
         ).fetchall()
-
-
-def runs(runlog: Path) -> Counter[str]:
-    return Counter(line.split()[0] for line in runlog.read_text().splitlines())
 
 
 def test_rows_land_once_and_a_redelivery_upserts(setup: dict[str, Any], tmp_path: Path) -> None:
@@ -144,7 +103,7 @@ def test_four_workers_on_the_same_inputs_process_each_once(
     setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p, schema = setup["pipeline"], setup["schema"]
-    monkeypatch.setenv("PG_E2E_SLEEP", "0.3")  # hold each claim while the copies arrive
+    monkeypatch.setenv("SLUICEWAY_TEST_RUN_SLEEP", "0.3")  # hold each claim while the copies arrive
     inputs = 6
     work = p.broker.queue("work")
     for i in range(inputs):

@@ -17,17 +17,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from sluiceway import Pipeline, Runtime
+from sluiceway import Pipeline
 from sluiceway.queues.base import Broker, OutgoingMessage, QueueCounts, QueueSpec
 from sluiceway.queues.sqlite import SqliteBroker
 from sluiceway.state import StateDB
 
+from . import broker_e2e
 from .conftest import BRONZE_TO_STAGING
-from .helpers import make_csv, parquet_rows
 from .rabbitmq_backend import (
     fresh_prefix,
     make_broker,
-    offer_files_once_workers_poll,
     profile_url,
     require_rabbitmq,
     url_with_prefix,
@@ -209,46 +208,16 @@ def mq_pipeline(
 ) -> Path:
     """BRONZE_TO_STAGING on a RabbitMQ profile "mq" under a fresh prefix, removed at the end."""
     require_rabbitmq()
-    url = profile_url(fresh_prefix(), monkeypatch)
-    path = write_pipeline(BRONZE_TO_STAGING + f'profiles:\n  mq:\n    broker: "{url}"\n')
-    monkeypatch.setenv("SLUICEWAY_PROFILE", "mq")  # restored afterwards; Runtime sets it too
-
-    def remove() -> None:
-        p = Pipeline.from_file(path, profile="mq")
-        p.broker.destroy()  # type: ignore[attr-defined]
-        p.broker.close()
-
-    request.addfinalizer(remove)
-    return path
+    return broker_e2e.mq_pipeline(
+        write_pipeline, monkeypatch, request, profile_url(fresh_prefix(), monkeypatch)
+    )
 
 
 @pytest.mark.parametrize(("workers", "files", "rows"), [(2, 6, 50), (4, 32, 3000)])
 def test_bronze_to_staging_on_rabbitmq(
     mq_pipeline: Path, tmp_path: Path, workers: int, files: int, rows: int
 ) -> None:
-    expected = {
-        f"in{i}": make_csv(tmp_path / "bronze" / f"in{i}.csv", rows, seed=i) for i in range(files)
-    }  # there before the start: the reconcile raises their events
-    rt = Runtime(mq_pipeline, workers=workers, watch=False, profile="mq")
-    offer_files_once_workers_poll(rt, RABBITMQ_PORT)
-    try:
-        summary = rt.drain(timeout=60)
-        p = rt.pipeline
-        assert summary.done == files and summary.failed == 0 and summary.dead_lettered == 0
-        assert summary.rows_in == summary.rows_out == files * rows
-        for stem, records in expected.items():
-            assert parquet_rows(tmp_path / "staging" / f"{stem}.parquet") == records
-        entries = [e for e in p.ledger.entries_since(0) if e.key.startswith("csv-to-parquet|")]
-        assert len(entries) == files and {e.status for e in entries} == {"done"}
-        # Exactly once: every input done on its first receive, nothing redone.
-        assert [e.info["attempt"] for e in entries] == [1] * files
-        assert p.pending() == 0
-        assert p.broker.queue("to-parquet-dlq").counts() == QueueCounts(0, 0, 0)
-        if workers == 4:
-            by_worker = {e.info["worker"] for e in entries}
-            assert len(by_worker) >= 3, f"the work was not shared: {by_worker}"
-    finally:
-        rt.pipeline.broker.close()
+    broker_e2e.check_bronze_to_staging(mq_pipeline, tmp_path, RABBITMQ_PORT, workers, files, rows)
 
 
 def test_a_profile_url_keeps_its_password_out_of_errors(

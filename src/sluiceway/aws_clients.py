@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from . import health
-from .backends import redact
 from .config import parse_duration
+from .connections import Backoff, display_url
 from .errors import ConfigError, SluicewayError
 
 T = TypeVar("T")
@@ -43,7 +43,6 @@ DEFAULT_MAX_ATTEMPTS = 5
 PROBE_ATTEMPTS = 3
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_SECRET_WORDS = ("secret", "token", "password", "key")
 
 
 class AwsUnavailable(SluicewayError):
@@ -85,20 +84,6 @@ class AwsTarget:
             return parse_duration(raw)
         except ValueError as e:
             raise ConfigError([f"{self.display}: {name}: {e}"]) from None
-
-
-def display_url(url: str) -> str:
-    """The URL for messages: a password in the netloc and secret-looking options hidden."""
-    parts = urlsplit(redact(url))
-    query = urlencode(
-        [
-            (k, "***" if any(w in k.lower() for w in _SECRET_WORDS) else v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="*:/",
-    )
-    # Built by hand: urlunsplit drops the "//" of an empty netloc (sqs://?…).
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def parse_url(url: str, scheme: str, own_options: Sequence[str]) -> AwsTarget:
@@ -299,15 +284,14 @@ def retry_unprocessed(
     failed entries that are not the sender's fault): botocore retries whole
     failed calls, not the unprocessed part of a successful one.
     """
-    pause = 0.05
+    backoff = Backoff(jitter=False)
     left = items
     for attempt in range(attempts):
         left = send(left)
         if not left:
             return
         if attempt < attempts - 1:
-            time.sleep(pause)
-            pause = min(pause * 2, 2.0)
+            time.sleep(backoff.next())
     raise AwsUnavailable(f"{what}: {len(left)} items still unprocessed after {attempts} attempts")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from .connections import redact
 from .errors import ConfigError
 
 # scheme → "module:factory". Factories:
@@ -67,12 +68,3 @@ def factory(kind: str, registry: Mapping[str, str], url: str) -> Callable[..., A
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def redact(url: str) -> str:
-    """The URL with any password hidden, for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()

@@ -367,12 +367,12 @@ class NotificationSource:
         try:
             loc = SqsLocation.parse(url)
         except ValueError as e:
-            from .backends import redact
+            from .connections import redact
 
             raise ConfigError([f"notifications {redact(url.split('?')[0])}: {e}"]) from None
         from .aws_clients import session as boto_session
         from .aws_clients import watch_client
-        from .backends import redact
+        from .connections import redact
 
         client = watch_client(
             boto_session().client("sqs", endpoint_url=loc.endpoint_url, region_name=loc.region),

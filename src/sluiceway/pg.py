@@ -36,18 +36,16 @@ import json
 import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg import sql
 
 from . import health
-from .backends import redact
+from .connections import Backoff, redact, split_query
 from .errors import SluicewayError
 
 log = logging.getLogger("sluiceway.pg")
@@ -108,18 +106,7 @@ def split_url(url: str) -> tuple[str, dict[str, str], set[str]]:
     left for libpq. The remaining query is kept byte for byte: libpq decodes
     ``%XX`` but not ``+``, so re-encoding it could change a value.
     """
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    kept: list[str] = []
-    theirs: set[str] = set()
-    for item in parts.query.split("&") if parts.query else []:
-        name, _, value = item.partition("=")
-        if name in OWN_PARAMETERS:
-            ours[name] = unquote(value)
-        else:
-            kept.append(item)
-            theirs.add(unquote(name))
-    return parts._replace(query="&".join(kept)).geturl(), ours, theirs
+    return split_query(url, OWN_PARAMETERS)
 
 
 def one_line(exc: BaseException) -> str:
@@ -300,7 +287,7 @@ class PgClient:
         and deadlocks or serialization failures (rolled back).
         """
         deadline: float | None = None
-        delay = 0.05
+        backoff = Backoff()
         retried = False
         while True:
             conn: psycopg.Connection[Any] | None = None
@@ -327,10 +314,9 @@ class PgClient:
                     "PostgreSQL at %s: %s; retrying in %.2fs",
                     self.safe_url,
                     one_line(e),
-                    delay,
+                    backoff.current,
                 )
-                time.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, 2.0)
+                time.sleep(backoff.next())
                 retried = True
             else:
                 health.ok("postgresql", self.safe_url)

@@ -882,7 +882,7 @@ class LambdaApp:
             return None
         from urllib.parse import parse_qs, urlsplit
 
-        from ..queues.base import broker_prefix
+        from ..queues.conventions import broker_prefix
 
         given = parse_qs(urlsplit(url).query, keep_blank_values=True).get("prefix", [None])[-1]
         return broker_prefix(given, self.config.pipeline, "", "{pipeline}-")

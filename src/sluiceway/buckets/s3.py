@@ -358,7 +358,7 @@ class S3Bucket(Bucket):
         try:
             location = S3Location.parse(url)
         except ValueError as e:
-            from ..backends import redact
+            from ..connections import redact
 
             raise ConfigError([f"bucket {name} ({redact(url.split('?')[0])}): {e}"]) from None
         return cls(name, location)

@@ -15,19 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def broker_prefix(given: str | None, pipeline: str | None, default: str, per_pipeline: str) -> str:
-    """The name prefix a broker puts before everything it creates.
-
-    ``given`` (the URL's ``?prefix=``) always wins. Otherwise the pipeline's
-    name goes into the default (``per_pipeline``, with ``{pipeline}`` in it), so
-    two pipelines sharing one broker never share a queue by accident;
-    ``default`` is left only for brokers built without a pipeline (tests, tools).
-    """
-    if given is not None:
-        return given
-    return per_pipeline.format(pipeline=pipeline) if pipeline else default
-
-
 @dataclass
 class Message:
     """A received message. ``receipt`` proves this receive, for ack and heartbeat."""

@@ -80,7 +80,6 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import nats
 import nats.errors
@@ -97,9 +96,10 @@ from nats.js.api import (
 )
 
 from .. import health
-from ..backends import redact
+from ..connections import Backoff, one_line, redact, split_query
 from ..errors import SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .conventions import broker_prefix, checked_subscriptions, max_receives_failure
 
 log = logging.getLogger("sluiceway.nats")
 
@@ -129,16 +129,8 @@ class NatsError(SluicewayError):
 
 def split_url(url: str) -> tuple[str, dict[str, str]]:
     """The server URL for nats-py and our own query parameters."""
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    kept: list[str] = []
-    for item in parts.query.split("&") if parts.query else []:
-        name, _, value = item.partition("=")
-        if name in OWN_PARAMETERS:
-            ours[name] = unquote(value)
-        else:
-            kept.append(item)
-    return parts._replace(query="&".join(kept)).geturl(), ours
+    rest, ours, _ = split_query(url, OWN_PARAMETERS)
+    return rest, ours
 
 
 def safe_name(text: str) -> str:
@@ -150,21 +142,6 @@ def safe_name(text: str) -> str:
     if clean == text:
         return text
     return f"{clean}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def max_receives_failure(receives: int) -> dict[str, Any]:
-    return {
-        "error_type": "MaxReceiveCountExceeded",
-        "message": (
-            f"received {receives} times without being acked "
-            "(the worker died or timed out each time)"
-        ),
-    }
 
 
 @dataclass(frozen=True)
@@ -695,11 +672,7 @@ class NatsBroker(Broker):
             raise NatsError(f"broker URL {self.safe_url!r}: {e}") from None
         self.stream = safe_name(self.prefix)
         self.specs = dict(specs)
-        self.subscriptions = {t: list(qs) for t, qs in (subscriptions or {}).items()}
-        for topic, names in self.subscriptions.items():
-            for name in names:
-                if name not in self.specs:
-                    raise NatsError(f"topic {topic!r} subscribes unknown queue {name!r}")
+        self.subscriptions = checked_subscriptions(subscriptions, self.specs, NatsError)
         self.retry_for = retry_for
         self._queues = {n: NatsQueue(self, s) for n, s in self.specs.items()}
         # Loop-thread state: deliveries held, receipts given up, pending replies by token.
@@ -746,7 +719,7 @@ class NatsBroker(Broker):
         async def on_error(e: Exception) -> None:
             errors.append(e)
             del errors[:-START_ATTEMPTS]  # only the last ones are reported: keep memory bounded
-            log.debug("NATS at %s: %s", self.safe_url, _one_line(e))
+            log.debug("NATS at %s: %s", self.safe_url, one_line(e))
             nc = getattr(self, "nc", None)
             if nc is not None and nc.is_reconnecting and not self._closing:  # a failed attempt
                 health.lost("nats", self.safe_url, e)
@@ -777,7 +750,7 @@ class NatsBroker(Broker):
             last = errors[-1] if errors and isinstance(e, nats.errors.NoServersError) else e
             raise NatsUnavailable(
                 f"cannot connect to NATS at {self.safe_url}: tried {START_ATTEMPTS} times over "
-                f"{time.monotonic() - started:.1f}s; last error: {_one_line(last)}. Check that "
+                f"{time.monotonic() - started:.1f}s; last error: {one_line(last)}. Check that "
                 "the server is running (with JetStream: nats-server -js) and that the "
                 "profile's URL is right."
             ) from None
@@ -791,7 +764,7 @@ class NatsBroker(Broker):
             await self.jsm.account_info()
         except (nats.errors.NoRespondersError, nats.js.errors.APIError) as e:
             raise NatsError(
-                f"NATS at {self.safe_url}: JetStream is not available ({_one_line(e)}); "
+                f"NATS at {self.safe_url}: JetStream is not available ({one_line(e)}); "
                 "start the server with JetStream enabled (nats-server -js)"
             ) from None
         await self._declare()
@@ -919,7 +892,7 @@ class NatsBroker(Broker):
         """
         todo = list(pubs)
         give_up = time.monotonic() + self.retry_for
-        delay = 0.05
+        backoff = Backoff(jitter=False)
         while todo:
             loop = asyncio.get_running_loop()
             tokens = []
@@ -956,8 +929,7 @@ class NatsBroker(Broker):
                         f"NATS at {self.safe_url}: {len(todo)} messages not confirmed by "
                         f"JetStream after {self.retry_for:g}s"
                     )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
 
     def _check_pub_ack(self, p: _Publish, resp: Msg) -> None:
         status = (resp.headers or {}).get("Status")
@@ -1023,7 +995,7 @@ class NatsBroker(Broker):
 
     async def _retrying(self, op: Callable[[], Coroutine[Any, Any, T]], what: str) -> T:
         give_up = time.monotonic() + self.retry_for
-        delay = 0.05
+        backoff = Backoff(jitter=False)
         while True:
             try:
                 return await op()
@@ -1031,11 +1003,10 @@ class NatsBroker(Broker):
                 if time.monotonic() > give_up or self.nc.is_closed:
                     raise NatsUnavailable(
                         f"NATS at {self.safe_url}: {what}: gave up after {self.retry_for:g}s; "
-                        f"last error: {_one_line(e)}"
+                        f"last error: {one_line(e)}"
                     ) from None
-                log.debug("NATS at %s: %s: %s; retrying", self.safe_url, what, _one_line(e))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.debug("NATS at %s: %s: %s; retrying", self.safe_url, what, one_line(e))
+                await asyncio.sleep(backoff.next())
 
     def queue(self, name: str) -> NatsQueue:
         q = self._queues.get(name)

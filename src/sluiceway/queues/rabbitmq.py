@@ -79,23 +79,23 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .. import health
-from ..backends import redact
+from ..connections import Backoff, one_line, redact, split_query
 from ..errors import SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .conventions import broker_prefix, checked_subscriptions, max_receives_failure
 
 log = logging.getLogger("sluiceway.rabbitmq")
 
@@ -156,24 +156,11 @@ _quiet_pika()
 
 def split_url(url: str) -> tuple[str, dict[str, str]]:
     """The URL for pika (our parameters removed, our defaults added) and our parameters."""
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    kept: list[str] = []
-    given: set[str] = set()
-    for item in parts.query.split("&") if parts.query else []:
-        name, _, value = item.partition("=")
-        if name in OWN_PARAMETERS:
-            ours[name] = unquote(value)
-        else:
-            kept.append(item)
-            given.add(unquote(name))
+    rest, ours, given = split_query(url, OWN_PARAMETERS)
+    parts = urlsplit(rest)
+    kept = [parts.query] if parts.query else []
     kept += [f"{k}={v}" for k, v in PIKA_DEFAULTS.items() if k not in given]
     return parts._replace(query="&".join(kept)).geturl(), ours
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _never(*args: Any) -> None:
@@ -239,16 +226,6 @@ def _json(value: Any, default: Any) -> Any:
         return json.loads(_text(value))
     except ValueError:
         return default
-
-
-def max_receives_failure(receives: int) -> dict[str, Any]:
-    return {
-        "error_type": "MaxReceiveCountExceeded",
-        "message": (
-            f"received {receives} times without being acked "
-            "(the worker died or timed out each time)"
-        ),
-    }
 
 
 # -- the connection and its thread --------------------------------------------------
@@ -386,7 +363,7 @@ class _Link:
             self._started.set()
             return
         self._started.set()
-        backoff = RECONNECT_MIN
+        backoff = Backoff(RECONNECT_MIN, RECONNECT_MAX)
         while not self._closing.is_set():
             if self.conn is None:
                 self._fail_overdue()
@@ -396,12 +373,11 @@ class _Link:
                     self._drop(e)
                     self._last_error = e
                     health.lost("rabbitmq", self.safe_url, e)
-                    log.debug("RabbitMQ at %s: reconnect failed: %s", self.safe_url, _one_line(e))
-                    self._wake.wait(random.uniform(backoff / 2, backoff))
+                    log.debug("RabbitMQ at %s: reconnect failed: %s", self.safe_url, one_line(e))
+                    self._wake.wait(backoff.next())
                     self._wake.clear()
-                    backoff = min(backoff * 2, RECONNECT_MAX)
                     continue
-                backoff = RECONNECT_MIN
+                backoff.reset()
                 log.warning("RabbitMQ at %s: reconnected", self.safe_url)
                 health.ok("rabbitmq", self.safe_url)
             try:
@@ -430,7 +406,7 @@ class _Link:
                 self._drop(e)
                 raise RabbitUnavailable(
                     f"cannot connect to RabbitMQ at {self.safe_url}: the server refused the "
-                    f"login ({_one_line(e)}). Check the user, the password (from an environment "
+                    f"login ({one_line(e)}). Check the user, the password (from an environment "
                     "variable) and the vhost's permissions."
                 ) from None
             except CONNECTION_ERRORS as e:
@@ -442,7 +418,7 @@ class _Link:
         raise RabbitUnavailable(
             f"cannot connect to RabbitMQ at {self.safe_url}: tried {START_ATTEMPTS} times over "
             f"{time.monotonic() - started:.1f}s; last error: "
-            f"{_one_line(last) if last else 'unknown'}. Check that the server is running and "
+            f"{one_line(last) if last else 'unknown'}. Check that the server is running and "
             "that the profile's URL (host, port, vhost, user) is right."
         )
 
@@ -478,7 +454,7 @@ class _Link:
             "RabbitMQ at %s: connection lost (%s); %d held deliveries go back to their "
             "queues; reconnecting",
             self.safe_url,
-            _one_line(exc),
+            one_line(exc),
             len(self.held),
         )
         self._last_error = exc
@@ -501,7 +477,7 @@ class _Link:
                 raise
             except pika.exceptions.AMQPChannelError as e:
                 self._channel_failed(e)
-                req.finish(error=RabbitError(f"RabbitMQ at {self.safe_url}: {_one_line(e)}"))
+                req.finish(error=RabbitError(f"RabbitMQ at {self.safe_url}: {one_line(e)}"))
             except BaseException as e:
                 req.finish(error=e)
             else:
@@ -512,7 +488,7 @@ class _Link:
             log.warning(
                 "RabbitMQ at %s: channel closed (%s); %d held deliveries go back to their queues",
                 self.safe_url,
-                _one_line(exc),
+                one_line(exc),
                 len(self.held),
             )
         self.open_channels()
@@ -523,7 +499,7 @@ class _Link:
             overdue = [r for r in self._requests if now > r.deadline]
             for req in overdue:
                 self._requests.remove(req)
-        last = _one_line(self._last_error) if self._last_error else "unknown"
+        last = one_line(self._last_error) if self._last_error else "unknown"
         for req in overdue:
             req.finish(
                 error=RabbitUnavailable(
@@ -989,11 +965,7 @@ class RabbitBroker(Broker):
             ours.get("prefix") or None, pipeline, DEFAULT_PREFIX, DEFAULT_PREFIX + ".{pipeline}"
         )
         self.specs = dict(specs)
-        self.subscriptions = {t: list(qs) for t, qs in (subscriptions or {}).items()}
-        for topic, names in self.subscriptions.items():
-            for name in names:
-                if name not in self.specs:
-                    raise RabbitError(f"topic {topic!r} subscribes unknown queue {name!r}")
+        self.subscriptions = checked_subscriptions(subscriptions, self.specs, RabbitError)
         self._queues = {name: RabbitQueue(self, spec) for name, spec in self.specs.items()}
         self.exchanges = {t: f"{self.prefix}.t.{t}" for t in self.subscriptions}
         try:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -71,9 +70,10 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from None
 
 from .. import health
-from ..backends import redact
+from ..connections import Backoff, display_url
 from ..errors import ConfigError, SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .conventions import broker_prefix
 
 log = logging.getLogger("sluiceway.redis")
 
@@ -121,7 +121,7 @@ def parse_url(url: str) -> RedisTarget:
     (or test runs) can share one database.
     """
     parts = urlsplit(url)
-    display = _display(url)
+    display = display_url(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     own = {k: v for k, v in query if k in OWN_OPTIONS}
     rest = [(k, v) for k, v in query if k not in OWN_OPTIONS]
@@ -138,19 +138,6 @@ def parse_url(url: str) -> RedisTarget:
         raise ConfigError([problem]) from None
     client_url = parts._replace(path=f"/{db}" if db else "", query=urlencode(rest)).geturl()
     return RedisTarget(client_url, display, prefix, retry_for, bool(given))
-
-
-def _display(url: str) -> str:
-    """The URL for messages: password hidden, in the netloc and in the query."""
-    shown = redact(url)
-    parts = urlsplit(shown)
-    if not parts.query:
-        return shown
-    query = [
-        (k, "***" if k == "password" else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return parts._replace(query=urlencode(query, safe="*:")).geturl()
 
 
 class RedisConnection:
@@ -225,7 +212,7 @@ class RedisConnection:
     def call(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn``; on a lost connection reconnect with backoff and run it again."""
         started = time.monotonic()
-        pause = 0.05
+        backoff = Backoff()
         attempt = 0
         while True:
             try:
@@ -236,6 +223,7 @@ class RedisConnection:
                 health.lost("redis", self.target.display, e)
                 attempt += 1
                 waited = time.monotonic() - started
+                pause = backoff.current
                 if waited + pause > self.target.retry_for:
                     raise RedisUnavailable(
                         f"lost the Redis server for the {self.what} at {self.target.display} "
@@ -249,8 +237,7 @@ class RedisConnection:
                     e,
                     pause,
                 )
-                time.sleep(pause * random.uniform(0.5, 1.0))
-                pause = min(pause * 2, 2.0)
+                time.sleep(backoff.next())
             else:
                 health.ok("redis", self.target.display)
                 return result

@@ -155,7 +155,8 @@ from ..aws_clients import (
     session,
 )
 from ..errors import ConfigError, SluicewayError
-from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec, broker_prefix
+from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpec
+from .conventions import broker_prefix, max_receives_failure
 
 log = logging.getLogger("sluiceway.sqs")
 T = TypeVar("T")
@@ -480,7 +481,9 @@ class SqsQueue(Queue):
                     # own count): the worker died each time. Stop the loop here,
                     # not counting this receive, which only moves it.
                     before = replace(msg, receive_count=msg.receive_count - 1)
-                    self.dead_letter(before, msg.failure or _exceeded(before.receive_count))
+                    self.dead_letter(
+                        before, msg.failure or max_receives_failure(before.receive_count)
+                    )
                     continue
                 out.append(msg)
             if got:
@@ -677,7 +680,7 @@ class SqsQueue(Queue):
             msg.receive_count = raw.receives + max(raw.approximate - 1, 0)  # minus this peek
         if self._broker.is_dlq(self.name) and not raw.dead_lettered:
             # Moved by SQS's redrive policy: nobody wrote down why.
-            msg.failure = msg.failure or _exceeded(msg.receive_count)
+            msg.failure = msg.failure or max_receives_failure(msg.receive_count)
             source = self._broker.source_of(self.name, raw.source_arn)
             if source is not None:
                 msg.attributes.setdefault("source_queue", source)
@@ -750,15 +753,6 @@ class SqsQueue(Queue):
                 self._delete(raw.message)
                 total += 1
         return total
-
-
-def _exceeded(count: int) -> dict[str, Any]:
-    return {
-        "error_type": "MaxReceiveCountExceeded",
-        "message": (
-            f"received {count} times without being acked (the worker died or timed out each time)"
-        ),
-    }
 
 
 def _entry_size(entry: Mapping[str, Any]) -> int:
