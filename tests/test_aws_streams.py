@@ -300,3 +300,73 @@ def test_dedup_after_another_step_is_refused_for_lambda(
     with pytest.raises(ConfigError, match="dedup must be the first step"):
         LambdaApp(pipeline, function="to-lake", stream_state=object())  # type: ignore[arg-type]
     pipeline.close()
+
+
+def test_compact_and_status_on_a_lambda_dataset(lake: dict[str, Any], tmp_path: Path) -> None:
+    """The shards' committed flushes merge, per partition and shard; an unfinished one stays."""
+    from sluiceway.compact import compact, live_files
+
+    app = lake["app"]()
+    for n in range(1, 7, 2):  # three flushes on shard 0, one on shard 1
+        two = batch(record(n, event(f"a{n}")), record(n + 1, event(f"b{n}")))
+        assert app.handle(two).statuses() == ["done"]
+    assert app.handle(batch(record(1, event("s1"), shard=1))).statuses() == ["done"]
+    crash_after_files(lake, tmp_path, batch(record(7, event("late")), record(8, event("later"))))
+    before = dataset(lake)
+    assert len(objects(lake)) == 5
+
+    pipeline = app.pipeline
+    report = compact(pipeline, "lake", "events")
+    writer = "to-lake.shardId-000000000000"
+    directory = "events/event_name=signup/date=2026-11-24"
+    lo, hi = BASE_SEQ + 1, BASE_SEQ + 6
+    assert [(m["directory"], m["key"], m["rows"]) for m in report.merged] == [
+        (directory, f"{directory}/part-{lo}-{hi}-{writer}.parquet", 6)
+    ]
+    assert len(report.merged[0]["inputs"]) == 3
+    # Shard 1's single file and the unfinished flush (past the checkpoint) are left alone.
+    keys = set(objects(lake))
+    assert len(keys) == 3 and f"{directory}/part-{lo}-{hi}-{writer}.parquet" in keys
+    assert sorted(live_files(pipeline.bucket("lake"), "events")) == sorted(keys)
+    assert dataset(lake) == before  # every row once, nothing lost
+
+    shards = pipeline.stream_status()["events"]["consumers"]["to-lake"]["lambda_shards"]
+    assert shards == {
+        "shardId-000000000000": {
+            "committed": str(hi),
+            "unfinished_flush": [str(BASE_SEQ + 7), str(BASE_SEQ + 8)],
+        },
+        "shardId-000000000001": {"committed": str(BASE_SEQ + 1), "unfinished_flush": None},
+    }
+    assert compact(pipeline, "lake", "events").merged == []  # nothing left to merge
+
+
+def test_status_of_local_stream_functions_on_a_dynamodb_ledger_makes_no_lambda_table(
+    aws: str, write_pipeline: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sluiceway import Pipeline
+
+    monkeypatch.delenv("SLUICEWAY_PROFILE", raising=False)
+    prefix = fresh_prefix("st")
+    path = write_pipeline(
+        f"""
+        pipeline: s
+        buckets: {{lake: ./lake}}
+        streams: {{events: {{}}}}
+        functions:
+          to-lake:
+            stream: events
+            steps:
+              - write_dataset: {{bucket: lake, prefix: e}}
+        profiles:
+          d:
+            ledger: "{dynamodb_url(aws, prefix)}"
+        """
+    )
+    pipeline = Pipeline.from_file(path, "d")
+    try:
+        assert "lambda_shards" not in pipeline.stream_status()["events"]["consumers"]["to-lake"]
+        tables = client("dynamodb", aws).list_tables()["TableNames"]
+        assert not [t for t in tables if t.startswith(prefix) and t.endswith("stream-state")]
+    finally:
+        pipeline.close()

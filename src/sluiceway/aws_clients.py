@@ -377,6 +377,20 @@ class Dynamo:
         )
         self._probed = True
 
+    def exists(self, name: str) -> bool:
+        """Whether table ``name`` is there (for readers that must not create it)."""
+        from botocore.exceptions import ClientError
+
+        if not self._probed:
+            self._probe(name)
+        try:
+            self.call(lambda: self.client.describe_table(TableName=name), f"describe {name}")
+        except ClientError as e:
+            if error_code(e) != "ResourceNotFoundException":
+                raise
+            return False
+        return True
+
     def ensure_table(
         self,
         name: str,

@@ -500,6 +500,16 @@ def _print_streams(streams: dict[str, Any]) -> None:
                 f"{t.get('written', 0):,}",
             )
     console.print(table)
+    shards = Table("function", "shard", "committed seq", "unfinished flush", title="On Lambda")
+    for s in streams.values():
+        for fn, c in s["consumers"].items():
+            for shard, st in c.get("lambda_shards", {}).items():
+                pending = st["unfinished_flush"]
+                shards.add_row(
+                    fn, shard, st["committed"] or "", "" if pending is None else "..".join(pending)
+                )
+    if shards.row_count:
+        console.print(shards)
 
 
 @stream_app.command("put")

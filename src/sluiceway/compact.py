@@ -21,6 +21,13 @@ apply it; with them a concurrent reader sees every row exactly once.
 Only flushes a function has committed (``to <= checkpoint``) are merged, so
 compaction never races the replay of an unfinished flush. One compaction per
 dataset runs at a time (a lease in the state database).
+
+Datasets written by stream functions on Lambda (``aws/streams.py``) name
+their files ``part-<first>-<last>-<function>.<shard>.<ext>``, one writer per
+shard, with the shard's checkpoint in the DynamoDB state table next to the
+ledger: run with the same profile (its ``dynamodb://`` ledger), ``compact``
+merges each shard's committed files as it does a local function's. The lease
+is local, so run one ``compact`` per dataset at a time.
 """
 
 from __future__ import annotations
@@ -188,21 +195,14 @@ def compact(
             report.removed_superseded.append(f.key)
             if not dry_run:
                 bucket.delete(f.key)
-        checkpoints: dict[str, int | None] = {}
+        checkpoints = _Checkpoints(pipeline)
         groups: dict[tuple[str, str], list[PartFile]] = {}
         for f in live:
             groups.setdefault((f.directory, f.function), []).append(f)
         for (directory, function), files in sorted(groups.items()):
-            if function not in checkpoints:
-                fn = pipeline.config.functions.get(function)
-                checkpoints[function] = (
-                    None
-                    if fn is None or fn.stream is None
-                    else pipeline.stream(fn.stream).checkpoint(function)
-                )
-            committed = checkpoints[function]
+            committed, why_not = checkpoints.of(function)
             if committed is None:
-                report.skipped.append(f"{directory}: files of {function!r}, not a stream function")
+                report.skipped.append(f"{directory}: files of {function!r}, {why_not}")
                 continue
             for run in _runs(bucket, files, committed, small_bytes, target_rows):
                 entry: dict[str, Any] = {
@@ -216,9 +216,54 @@ def compact(
                     entry.update({"key": key, "rows": rows, "bytes": size})
                 report.merged.append(entry)
     finally:
+        checkpoints.close()
         if not dry_run:
             lease.release()
     return report
+
+
+class _Checkpoints:
+    """How far each writer of a dataset has committed: a local function, or one on Lambda."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.known: dict[str, tuple[int | None, str]] = {}
+        self._lambda: Any = None
+        self._lambda_shards: dict[str, dict[str, Any]] = {}
+
+    def of(self, writer: str) -> tuple[int | None, str]:
+        """(the last committed seq, or None with the reason nothing can be merged)."""
+        if writer not in self.known:
+            self.known[writer] = self._lookup(writer)
+        return self.known[writer]
+
+    def _lookup(self, writer: str) -> tuple[int | None, str]:
+        from .aws.streams import parse_writer
+
+        functions = self.pipeline.config.functions
+        fn = functions.get(writer)
+        if fn is not None and fn.stream is not None:
+            return self.pipeline.stream(fn.stream).checkpoint(writer), ""
+        parsed = parse_writer(writer)
+        if parsed is None or functions.get(parsed[0]) is None or not functions[parsed[0]].stream:
+            return None, "not a stream function"
+        function, shard = parsed
+        if self._lambda is None:
+            from .aws.streams import lambda_stream_state
+
+            self._lambda = lambda_stream_state(self.pipeline) or False
+        if self._lambda is False:
+            return None, "written on Lambda: use the profile with its dynamodb:// ledger"
+        if function not in self._lambda_shards:
+            self._lambda_shards[function] = self._lambda.shards(function)
+        state = self._lambda_shards[function].get(shard)
+        if state is None or state.committed_number is None:
+            return None, f"nothing of {function!r} on {shard} is committed yet"
+        return state.committed_number, ""
+
+    def close(self) -> None:
+        if self._lambda:
+            self._lambda.close()
 
 
 def _runs(

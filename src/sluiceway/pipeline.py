@@ -168,12 +168,18 @@ class Pipeline:
         return target.append(check_events(events))
 
     def stream_status(self) -> dict[str, Any]:
-        """Per stream: length and head; per consuming function: checkpoint, lag, counts."""
+        """Per stream: length and head; per consuming function: checkpoint, lag, counts.
+
+        With a ``dynamodb://`` ledger, also each function's shards on Lambda
+        (``lambda_shards``: committed seq and unfinished flush per shard).
+        """
+        from .aws.streams import lambda_stream_state
         from .streams.consumer import lease_name
         from .streams.lease import Lease
 
         out: dict[str, Any] = {}
         conn = self.db.conn
+        on_lambda = lambda_stream_state(self)
         for name, stream in self.streams.items():
             last = stream.last_seq()
             consumers: dict[str, Any] = {}
@@ -202,7 +208,19 @@ class Pipeline:
                     "totals": counts.pop("*", {}),
                     "by_event_name": counts,
                 }
+                if on_lambda is not None:
+                    consumers[fname]["lambda_shards"] = {
+                        shard: {
+                            "committed": st.committed,
+                            "unfinished_flush": None
+                            if st.pending is None
+                            else [st.pending["from_seq"], st.pending["to_seq"]],
+                        }
+                        for shard, st in on_lambda.shards(fname).items()
+                    }
             out[name] = {"last_seq": last, "length": stream.length(), "consumers": consumers}
+        if on_lambda is not None:
+            on_lambda.close()
         return out
 
     def publish_once(

@@ -94,6 +94,7 @@ KINESIS_MAX_WINDOW = 300  # seconds: maximum_batching_window_in_seconds
 KINESIS_MIN_RETENTION = 86_400.0  # a Kinesis stream keeps records at least 24 hours
 RACE_ATTEMPTS = 8  # conditional writes lost to a concurrent shard before giving up
 CLAIM_THREADS = 16  # parallel conditional puts per batch (one key each)
+STATE_TABLE = ("stream", "state")  # after the pipeline's name: PREFIX<pipeline>-stream-state
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class StreamState:
 
     def __init__(self, dynamo: Dynamo, namespace: str) -> None:
         self.db = dynamo
-        self.table = dynamo.table_name(namespace, "stream", "state")
+        self.table = dynamo.table_name(namespace, *STATE_TABLE)
         dynamo.ensure_table(self.table, [("id", "HASH", "S")], ttl_attribute="expires")
 
     @classmethod
@@ -298,11 +299,30 @@ class StreamState:
             ),
             "read a shard checkpoint",
         ).get("Item")
-        if not item:
-            return ShardState(None, None, None)
-        committed = item.get("committed", {}).get("S")
-        text = item.get("pending", {}).get("S")
-        return ShardState(committed, json.loads(text) if text else None, text)
+        return _shard_state(item)
+
+    def shards(self, function: str) -> dict[str, ShardState]:
+        """Every shard ``function`` has flushed from, by shard id (a Scan: for status and compact).
+
+        The Lambda side never lists: it reads its own shard's item. This is
+        for whoever looks from outside, who does not know the shard ids.
+        """
+        head = f"shard|{function}|"
+        out: dict[str, ShardState] = {}
+        args: dict[str, Any] = {
+            "TableName": self.table,
+            "FilterExpression": "begins_with(#i, :h)",
+            "ExpressionAttributeNames": {"#i": "id"},
+            "ExpressionAttributeValues": {":h": _s(head)},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self.db.call(lambda: self.db.client.scan(**args), "list shard checkpoints")
+            for item in page.get("Items", []):
+                out[item["id"]["S"][len(head) :]] = _shard_state(item)
+            if "LastEvaluatedKey" not in page:
+                return dict(sorted(out.items()))
+            args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def plan(self, function: str, shard: str, committed: str | None, intent: str) -> None:
         """Step 1: the intent, if the checkpoint is still ``committed``."""
@@ -362,6 +382,43 @@ class StreamState:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _shard_state(item: Mapping[str, Any] | None) -> ShardState:
+    if not item:
+        return ShardState(None, None, None)
+    committed = item.get("committed", {}).get("S")
+    text = item.get("pending", {}).get("S")
+    return ShardState(committed, json.loads(text) if text else None, text)
+
+
+def lambda_stream_state(pipeline: Pipeline) -> StreamState | None:
+    """The state table of the pipeline's stream functions on Lambda, if there is one.
+
+    Lambda keeps its checkpoints there, next to the DynamoDB ledger, so
+    ``status`` and ``compact`` run with the same profile find them. Only
+    looked up, never created: a pipeline whose stream functions run locally
+    on a DynamoDB ledger has none.
+    """
+    from ..backends import scheme_of
+    from ..config import expand_env
+
+    url = pipeline.config.backends.ledger
+    if url is None or scheme_of(url) != "dynamodb":
+        return None
+    if not any(fn.stream for fn in pipeline.config.functions.values()):
+        return None
+    dynamo = Dynamo(parse_url(expand_env(url), "dynamodb", DYNAMO_OPTIONS), "stream state")
+    if not dynamo.exists(dynamo.table_name(pipeline.name, *STATE_TABLE)):
+        dynamo.close()
+        return None
+    return StreamState(dynamo, pipeline.name)
+
+
+def parse_writer(writer: str) -> tuple[str, str] | None:
+    """``<function>.<shard>`` (the writer part of a Lambda flush's file names) → both parts."""
+    function, dot, shard = writer.rpartition(".")
+    return (function, shard) if dot and function and shard.startswith("shardId-") else None
 
 
 def _arrival(item: Mapping[str, Any]) -> Arrival:
