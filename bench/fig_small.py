@@ -5,7 +5,9 @@ driver puts every file through ``Pipeline.put`` (copy, MD5, event, queue) and
 the clock stops at the last ``finished_at`` in the ledger, i.e. when the last
 Parquet file is committed. The raw baselines convert the same files with
 ``read_csv`` + ``write_table``: a plain loop, and a warm
-``ProcessPoolExecutor(N)``.
+``ProcessPoolExecutor(N)``. The service is measured with the default
+``durability: full`` (the target) and again with ``durability: process`` (no
+fsync), each against the raw pool of its own run.
 """
 
 from __future__ import annotations
