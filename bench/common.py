@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +20,18 @@ FUNCTION = "csv-to-parquet"
 COMPRESSION = "zstd"  # what the example pipeline writes; every contender does the same
 
 
-def make_pipeline(root: Path) -> Path:
-    """The example pipeline (bronze CSV → staging Parquet, zstd) in ``root``."""
+def make_pipeline(root: Path, durability: str = "full") -> Path:
+    """The example pipeline (bronze CSV → staging Parquet, zstd) in ``root``.
+
+    ``durability: process`` (no fsync of outputs) is measured next to the
+    default, so the cost of surviving an OS crash is visible.
+    """
     root.mkdir(parents=True, exist_ok=True)
     path = root / "sluiceway.yaml"
-    shutil.copyfile(EXAMPLE, path)
+    text = EXAMPLE.read_text()
+    if durability != "full":
+        text = f"durability: {durability}\n{text}"
+    path.write_text(text)
     return path
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -158,6 +158,11 @@ class PipelineConfig(_Model):
     state_dir: str = ".sluiceway"
     # How long to wait for the state database when another process holds it.
     state_timeout: Duration = 30.0
+    # full: objects written to local buckets are fsynced before the ledger may
+    # say done, so an OS crash or power cut loses no committed output.
+    # process: no fsync; every promise still holds across a crash of any
+    # Sluiceway process (SIGKILL), the page cache keeps what was written.
+    durability: Literal["full", "process"] = "full"
     imports: list[str] = Field(default_factory=list)
     buckets: dict[Name, str] = Field(default_factory=dict)
     topics: dict[Name, TopicConfig] = Field(default_factory=dict)

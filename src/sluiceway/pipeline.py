@@ -94,7 +94,12 @@ class Pipeline:
         for name in self.config.buckets:
             url = expand_env(self.config.bucket_url(name))
             if scheme_of(url) in ("", "file"):
-                out[name] = LocalBucket(name, self.config.resolve_path(url), etag_cache=self.db)
+                out[name] = LocalBucket(
+                    name,
+                    self.config.resolve_path(url),
+                    etag_cache=self.db,
+                    fsync=self.config.durability == "full",
+                )
             else:
                 out[name] = backends.factory(f"bucket {name}", backends.BUCKETS, url)(name, url)
         return out

@@ -37,6 +37,7 @@ from .conftest import Reaper
 from .harness import (
     FUNCTION,
     LONG,
+    PIPELINE,
     Input,
     Report,
     RunRecord,
@@ -143,11 +144,15 @@ def _diagnose(p: Pipeline, log: Path) -> str:
 
 
 @pytest.mark.timeout(3600 if LONG else 240)
+# durability: process skips the fsyncs, which only an OS crash needs: SIGKILL
+# must find every promise kept all the same.
+@pytest.mark.parametrize("durability", ["full", "process"])
 def test_killing_workers_loses_and_duplicates_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     reaper: Reaper,
     reliability_report: Report,
+    durability: str,
 ) -> None:
     target = 420 if LONG else 55  # confirmed kills, at least
     n_inputs = 300 if LONG else 60
@@ -157,7 +162,7 @@ def test_killing_workers_loses_and_duplicates_nothing(
     # The environment reaches the spawned workers; the failpoints arm only in
     # processes named sluiceway-worker-*, never in this one.
     monkeypatch.setenv("SLUICEWAY_FAULTS", _faults(WORKER_FAULTS, kill_log, SEED))
-    path = write_pipeline(tmp_path)
+    path = write_pipeline(tmp_path, f"durability: {durability}\n{PIPELINE}")
     inputs = [make_input(i, rng) for i in range(n_inputs)]
 
     # A third is there before the start (found by the reconcile), a third is
@@ -277,7 +282,14 @@ def test_killing_workers_loses_and_duplicates_nothing(
     total = sum(kills.values())
     ok = not result.problems and total >= target
     reliability_report.add(
-        RunRecord("worker kills (Runtime, 2 workers)", 2, kills, result, seconds, ok)
+        RunRecord(
+            f"worker kills (Runtime, 2 workers, durability: {durability})",
+            2,
+            kills,
+            result,
+            seconds,
+            ok,
+        )
     )
     assert not result.problems, f"seed {SEED}: " + "; ".join(result.problems)
     assert total == dead, f"kills counted {dict(kills)} but {dead} workers ended by SIGKILL"

@@ -110,9 +110,17 @@ class LocalBucket(Bucket):
     """Objects as files under ``root``; ``/`` in keys becomes directories."""
 
     def __init__(
-        self, name: str, root: str | os.PathLike[str], *, etag_cache: EtagCache | None = None
+        self,
+        name: str,
+        root: str | os.PathLike[str],
+        *,
+        etag_cache: EtagCache | None = None,
+        fsync: bool = True,
     ) -> None:
         self.name = name
+        # False (``durability: process``): a published object is in the page
+        # cache, which outlives any process but not the OS.
+        self.fsync = fsync
         self.etag_cache = etag_cache
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -215,7 +223,8 @@ class LocalBucket(Bucket):
         try:
             yield writer  # type: ignore[misc]
             f.flush()
-            os.fsync(f.fileno())
+            if self.fsync:
+                os.fsync(f.fileno())
             # Rename and link keep the inode and mtime: the cache key is known now.
             st = os.fstat(f.fileno())
             f.close()
@@ -274,8 +283,9 @@ class LocalBucket(Bucket):
     def put_file(self, key: str, path: str) -> ObjectInfo:
         target = self.path_of(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        if self.fsync:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
         try:
             os.replace(path, target)
         except OSError:  # another filesystem: copy through open_write

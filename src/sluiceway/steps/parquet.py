@@ -103,7 +103,9 @@ class RowGroupWriter:
     until a row group is full, and each full one is encoded and compressed in
     a second thread, which PyArrow runs without the GIL, while the next is
     read: the time approaches the larger of reading and writing rather than
-    their sum. At most one row group is being encoded while the next fills.
+    their sum. At most one row group is being encoded while the next fills. The
+    last group has nothing to overlap with and is encoded in the caller's thread,
+    so a small file (one group) never starts a thread.
     """
 
     def __init__(
@@ -117,7 +119,10 @@ class RowGroupWriter:
             compression=compression,
             use_dictionary=dictionary_columns(first),
         )
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sluiceway-parquet")
+        # Started by the first full row group: a file of one group is encoded
+        # in finish(), with nothing left to overlap, and starting a thread
+        # would cost a small file more than its encoding does.
+        self._pool: ThreadPoolExecutor | None = None
         self._encoding: Future[None] | None = None
         self._pending: list[pa.RecordBatch] = []
         self._rows = 0
@@ -145,10 +150,11 @@ class RowGroupWriter:
 
     def finish(self) -> None:
         """Write what is left and wait for it; errors of the encoder surface here."""
-        if self._pending:
-            self._submit(pa.Table.from_batches(self._pending, self._schema))
-            self._pending = []
         self._wait()
+        if self._pending:  # the last group: nothing to read meanwhile, so encode it here
+            table = pa.Table.from_batches(self._pending, self._schema)
+            self._pending = []
+            self._writer.write_table(table, row_group_size=self._rows_per_group)
 
     def close(self) -> None:
         """Finish the file (its footer), also after an error, and stop the thread."""
@@ -157,10 +163,13 @@ class RowGroupWriter:
                 self._wait()  # an error here was raised by finish() or is moot
             self._writer.close()
         finally:
-            self._pool.shutdown(wait=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def _submit(self, table: pa.Table) -> None:
         self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sluiceway-parquet")
         self._encoding = self._pool.submit(
             self._writer.write_table, table, row_group_size=self._rows_per_group
         )
