@@ -75,7 +75,9 @@ class Context:
 
     @property
     def growth_sizes(self) -> list[int]:
-        sizes = (10, 50) if self.quick else (10, 100, 1000)
+        # The issue asks 10 MB to 5 GB; the 5 GB file (about 5 GB of disk in
+        # bench/data, plus its copy in the bucket while it runs) only in full mode.
+        sizes = (10, 50) if self.quick else (10, 100, 1000, 5000)
         return [n * data.MB for n in sizes]
 
 

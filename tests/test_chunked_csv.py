@@ -227,3 +227,59 @@ def test_a_failed_commit_is_redone_by_the_redelivered_chunk(
     assert [o.key for o in p.buckets["staging"].list()] == ["big.parquet"]
     assert set(p.function_status()["csv-to-parquet"]) == {"done"}
     p.close()
+
+
+class _Forward:
+    """A chunk read forward only: the CSV reader's precise pass, for comparison."""
+
+    def __init__(self, reader: RangeReader) -> None:
+        self._reader = reader
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self._reader.read(size)
+
+
+def _read_all(source: object) -> tuple[list[dict[str, object]], str | None]:
+    from sluiceway.errors import InputError
+    from sluiceway.steps.csv import CsvOptions, read_csv_batches
+
+    options = CsvOptions(
+        column_types={"id": "int", "amount": "float"}, compression="none", block_size=1024
+    )
+    rows: list[dict[str, object]] = []
+    try:
+        for batch in read_csv_batches(source, name="big.csv", options=options):  # type: ignore[arg-type]
+            rows += batch.to_pylist()
+    except InputError as exc:
+        return rows, str(exc)
+    return rows, None
+
+
+@pytest.mark.parametrize("bom", [False, True])
+@pytest.mark.parametrize("bad_row", [None, 3, 700, 1999])
+def test_chunk_fast_pass_equals_precise_pass(bad_row: int | None, bom: bool) -> None:
+    """A chunk is read by pyarrow's native reader (it can rewind): same rows or the same error.
+
+    Rows yielded before an error may differ (blocks are cut differently);
+    callers treat output as incomplete until iteration ends, as for any file.
+    """
+    header = ("\ufeff" if bom else "") + "id,amount,note\n"
+    rows = [f"{i},{'oops' if i == bad_row else i * 1.5},n{i % 7}\n" for i in range(2000)]
+    data = (header + "".join(rows)).encode()
+    size = len(data) // 3 + 1
+    errors = 0
+    for start in range(0, len(data), size):
+        end = min(len(data), start + size)
+        head = chunks_mod.header_line(io.BytesIO(data)) if start > 0 else b""
+        fast = RangeReader(io.BytesIO(data), start, end, head)
+        precise = RangeReader(io.BytesIO(data), start, end, head)
+        assert fast.has_rows and precise.has_rows
+        (rows, error), (expected_rows, expected_error) = (
+            _read_all(fast),
+            _read_all(_Forward(precise)),
+        )
+        assert error == expected_error  # same message, line and field
+        if error is None:
+            assert rows == expected_rows
+        errors += error is not None
+    assert errors == (bad_row is not None)

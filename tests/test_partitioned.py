@@ -119,3 +119,35 @@ def test_missing_partition_column_fails_the_file_clearly(
     [dead] = p.broker.queue("to-parquet-dlq").peek()
     assert "partition column 'country' is not in the data" in dead.failure["message"]
     assert "bronze/x.csv" in dead.failure["message"]
+
+
+def test_row_groups_and_dictionaries_as_unpartitioned(
+    write_pipeline: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Partitioned files follow row_group_size and encode dictionaries only where values repeat."""
+    import pyarrow.parquet as pq
+
+    text = PARTITIONED.replace(
+        "partition_by: [country, {date: created_at}]", "partition_by: [country]"
+    )
+    text = text.replace(
+        "dataset: customers\n", "dataset: customers\n          row_group_size: 1000\n"
+    )
+    path = write_pipeline(text)
+    rows = [(i, ["DE", "FR"][i % 2], f"2026-11-{1 + i % 28:02d}T00:00:00") for i in range(5000)]
+    write_customers(tmp_path / "in.csv", rows)
+    Pipeline.from_file(path).put(tmp_path / "in.csv", "bronze", "in/customers.csv")
+    assert Runtime(path, workers=0, watch=False).drain(timeout=60).rows_out == 5000
+    root = tmp_path / "staging" / "customers"
+    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    got = sorted(zip(table["id"].to_pylist(), table["country"].to_pylist(), strict=True))
+    assert got == [(i, c) for i, c, _ in rows]
+    for file in root.rglob("*.parquet"):
+        meta = pq.ParquetFile(file).metadata
+        assert meta.num_row_groups > 1
+        assert all(meta.row_group(g).num_rows <= 1000 for g in range(meta.num_row_groups))
+        names = [meta.schema.column(c).name for c in range(meta.num_columns)]
+        columns = meta.row_group(0)
+        encodings = {names[c]: columns.column(c).encodings for c in range(meta.num_columns)}
+        assert not any("DICTIONARY" in e for e in encodings["id"])  # every id distinct
+        assert any("DICTIONARY" in e for e in encodings["created_at"])  # 28 values

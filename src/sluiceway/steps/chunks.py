@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
@@ -48,7 +49,7 @@ from ..ledger import Claim
 from ..queues.base import OutgoingMessage
 from .base import parse_step
 from .csv import _SIMPLE_TYPES, read_csv_batches
-from .parquet import WriteParquetOptions, render_key
+from .parquet import RowGroupWriter, WriteParquetOptions, render_key
 
 if TYPE_CHECKING:
     from ..config import FunctionConfig
@@ -91,24 +92,57 @@ def key_suffix(event: Event) -> str:
 
 
 class RangeReader:
-    """The rows of ``[start, end)`` of a seekable stream, behind an optional header."""
+    """The rows of ``[start, end)`` of a seekable stream, behind an optional header.
+
+    It can be rewound (``seek`` to an offset of its own output, by reading it
+    again from the start), which is all the CSV reader's fast pass needs of a
+    source: so a chunk is parsed by pyarrow's native multi-threaded reader, and
+    the precise reader runs only if that fails, as for a whole file.
+    """
 
     def __init__(self, f: Any, start: int, end: int, header: bytes = b"") -> None:
         self._f = f
+        self._start = start
         self._end = end
-        self._out = bytearray(header)
-        self._pending = b""
-        self._state = "body"
-        if start > 0:
-            f.seek(start - 1)
-            self._pos = start - 1
-            self._skip_line()
-        else:
-            f.seek(0)
-            self._pos = 0
+        self._header = header
+        self._begin()
         self.has_rows = self._state == "body" and self._pos < end
         if not self.has_rows:
             self._state = "done"
+
+    def _begin(self) -> None:
+        self._out = bytearray(self._header)
+        self._pending = b""
+        self._state = "body"
+        self._told = 0  # bytes handed out by read()
+        if self._start > 0:
+            self._f.seek(self._start - 1)
+            self._pos = self._start - 1
+            self._skip_line()
+        else:
+            self._f.seek(0)
+            self._pos = 0
+        if self._pos >= self._end:
+            self._state = "done"
+
+    closed = False  # the bucket's stream underneath is closed by its owner
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._told
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        if whence != 0 or offset < 0:
+            raise OSError("a chunk can only be rewound to an offset from its start")
+        self._begin()
+        while self._told < offset and self.read(min(_READ, offset - self._told)):
+            pass
+        return self._told
 
     def _skip_line(self) -> None:
         while True:
@@ -157,6 +191,7 @@ class RangeReader:
             size = len(self._out)
         data = bytes(self._out[:size])
         del self._out[:size]
+        self._told += len(data)
         return data
 
 
@@ -296,22 +331,31 @@ class Chunking:
             compression = None if self.write.compression == "none" else self.write.compression
             rows = 0
             with bucket.open_write(out_key) as f:
-                writer: pq.ParquetWriter | None = None
+                # The same writer as an unchunked write_parquet (row groups of
+                # row_group_size, encoded in the background, dictionaries only
+                # where values repeat), so chunking changes no output but speed.
+                writer: RowGroupWriter | None = None
+                schema: pa.Schema | None = None
                 try:
                     for part in parts:
                         with bucket.open_read(part["key"]) as pf:
                             src = pq.ParquetFile(pf)
                             for g in range(src.num_row_groups):
                                 table = src.read_row_group(g)
-                                if writer is None:
-                                    writer = pq.ParquetWriter(
-                                        f, table.schema, compression=compression
-                                    )
-                                elif not table.schema.equals(writer.schema):
-                                    table = table.cast(writer.schema)
-                                writer.write_table(table, row_group_size=self.write.row_group_size)
+                                if schema is None:
+                                    schema = table.schema
+                                elif not table.schema.equals(schema):
+                                    table = table.cast(schema)
+                                for batch in table.to_batches():
+                                    if writer is None:
+                                        writer = RowGroupWriter(
+                                            f, batch, compression, self.write.row_group_size
+                                        )
+                                    writer.add(batch)
                                 rows += table.num_rows
                                 extend()
+                    if writer is not None:
+                        writer.finish()
                 finally:
                     if writer is not None:
                         writer.close()

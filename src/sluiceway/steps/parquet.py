@@ -323,7 +323,12 @@ class WriteParquet(StepType):
                     basename_template=f"part-{ident}-{{i}}.parquet",
                     existing_data_behavior="overwrite_or_ignore",
                     max_open_files=opts.max_open_files,
-                    file_options=ds.ParquetFileFormat().make_write_options(compression=compression),
+                    # As unpartitioned: dictionaries only where values repeat, and
+                    # row groups of at most row_group_size rows.
+                    file_options=ds.ParquetFileFormat().make_write_options(
+                        compression=compression, use_dictionary=dictionary_columns(first)
+                    ),
+                    max_rows_per_group=opts.row_group_size,
                     file_visitor=lambda f: written.append(
                         (f.path, f.metadata.num_rows if f.metadata is not None else 0)
                     ),
