@@ -69,6 +69,11 @@ class Context:
         return 300 if self.quick else 1_000
 
     @property
+    def many_count(self) -> int | None:
+        """Figure 2's second, larger run (the issue asks 1,000 and 10,000 files); full mode only."""
+        return None if self.quick else 10_000
+
+    @property
     def scaling_count(self) -> int:
         """Small files per run when sweeping worker counts (figure 6)."""
         return 150 if self.quick else 1_000
@@ -137,6 +142,8 @@ def make_data(ctx: Context) -> None:
     for size in sorted({ctx.large_size, *ctx.growth_sizes}):
         data.large_csv(size)
     data.small_files(ctx.small_count)
+    if ctx.many_count:
+        data.small_files(ctx.many_count)
 
 
 def failed(number: int, tb: str) -> Section:
