@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import data
 from .common import Service, make_pipeline, raw_convert, wait_done
-from .harness import Profile, Section, Stats, fresh_dir, profile, run_child
+from .harness import Profile, Sampled, Section, Stats, fresh_dir, profile, run_child, sampled
 
 if TYPE_CHECKING:
     from .__main__ import Context
@@ -116,6 +116,21 @@ def profile_inline(files: list[str], work: str) -> dict[str, Any]:
 
     ms = {k: v / len(files) * 1e3 for k, v in spent.items()}
     return {"ms_per_file": ms, "profile": profile(everything)}
+
+
+def service_profile(files: list[str], work: str) -> dict[str, Any]:
+    """One run of the warm service (2 workers) under py-spy: where its CPU goes, per process."""
+    from sluiceway import Pipeline
+
+    path = make_pipeline(Path(work) / "pipeline")
+    with Service(path, 2, Path(files[0])) as service:
+        pipeline = Pipeline.from_file(path)
+        with sampled() as found:
+            for f in files:
+                pipeline.put(f, "bronze", f"sampled/{Path(f).name}")
+            wait_done(pipeline, "sampled/", len(files), 600, service.check)
+        pipeline.close()
+    return found
 
 
 # -- measuring and reporting --------------------------------------------------------
@@ -299,3 +314,19 @@ def explain(section: Section, files: list[Path]) -> None:
         "",
         prof.table(15),
     )
+    work = fresh_dir("small-sampled")
+    try:
+        found = run_child(
+            "bench.fig_small:service_profile", files=[str(f) for f in files], work=str(work)
+        ).result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    section.add(
+        f"The service itself, all {len(files)} files put and converted once more with py-spy "
+        "attached to the driver, the `sluiceway run` process and its workers:",
+        "",
+    )
+    if "error" in found:
+        section.add(f"(no sampled profile: {found['error']})", "")
+    else:
+        section.add(Sampled(**found).table(15))

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import cProfile
 import json
+import os
 import pstats
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +172,127 @@ class Profile:
         ]
         for label, calls, own, cum in self.rows[:top]:
             lines.append(f"| {own:.3f} | {cum:.3f} | {calls:,} | `{label}` |")
+        return "\n".join(lines) + "\n"
+
+
+SAMPLE_RATE = 250  # py-spy samples per second
+
+
+@contextmanager
+def sampled(rate: int = SAMPLE_RATE) -> Iterator[dict[str, Any]]:
+    """Sample this process, its threads and its subprocesses with py-spy while the block runs.
+
+    cProfile sees one thread of one process; the service's time is spread
+    over a driver, a service process, workers and encoder threads, which a
+    sampling profiler attached from outside sees all at once. Fills the
+    yielded dict with ``Sampled``'s fields, or with ``error`` where py-spy is
+    missing or may not attach (it needs ptrace rights: root, or sudo on macOS).
+    """
+    found: dict[str, Any] = {}
+    exe = shutil.which(
+        "py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    if exe is None:
+        found["error"] = "py-spy is not installed (bench/requirements.lock pins it)"
+        yield found
+        return
+    out = fresh_dir("py-spy") / "raw.txt"
+    cmd = [exe, "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", str(rate)]
+    cmd += ["--subprocesses", "--nonblocking", "--full-filenames", "-o", str(out)]
+    spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert spy.stdout is not None
+    first = spy.stdout.readline()  # "Sampling process …" once attached, or why it could not
+    if "Sampling" not in first:
+        spy.wait(timeout=30)
+        found["error"] = f"py-spy could not attach: {first.strip() or spy.returncode}"
+        yield found
+        return
+    try:
+        yield found
+    finally:
+        spy.send_signal(signal.SIGINT)
+        tail = spy.communicate(timeout=60)[0]
+    if not out.exists():
+        found["error"] = f"py-spy wrote nothing: {tail.strip()[-300:]}"
+        return
+    found.update(_collapse(out.read_text(), os.getpid(), rate))
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def _collapse(raw: str, own_pid: int, rate: int) -> dict[str, Any]:
+    """py-spy's collapsed stacks → seconds by process role and by function (own and total)."""
+    roles: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = _frames(stack)
+        procs = [f for f in frames if f.startswith("process ")]
+        calls = [_frame_label(f) for f in frames if not f.startswith("process ")]
+        seconds = int(count) / rate
+        roles[_role(procs[-1] if procs else "", own_pid)] += seconds
+        if calls:
+            own[calls[-1]] += seconds
+            for label in set(calls):
+                total[label] += seconds
+    return {
+        "seconds": sum(roles.values()),
+        "roles": roles.most_common(),
+        "rows": [(label, s, total[label]) for label, s in own.most_common(200)],
+    }
+
+
+def _frames(stack: str) -> list[str]:
+    """Split a collapsed stack at ``;``, but not inside a quoted ``process PID:"cmd"``."""
+    frames: list[str] = []
+    for part in stack.split(";"):
+        if frames and frames[-1].startswith("process ") and not frames[-1].endswith('"'):
+            frames[-1] += ";" + part
+        else:
+            frames.append(part)
+    return frames
+
+
+def _frame_label(frame: str) -> str:
+    """``name (/path/file.py:12)`` → ``file.py name``: one row per function, not per line."""
+    name, _, where = frame.partition(" (")
+    filename = where.rstrip(")").rpartition(":")[0] or where.rstrip(")")
+    return f"{_short_path(filename)} {name}"
+
+
+def _role(process: str, own_pid: int) -> str:
+    pid, _, cmd = process.removeprefix("process ").partition(":")
+    if not process or pid == str(own_pid):
+        return "driver (this process)"
+    if " run " in cmd and "sluiceway" in cmd:
+        return "service (`sluiceway run`)"
+    if "multiprocessing" in cmd or "spawn_main" in cmd:
+        return "worker processes"
+    return cmd.strip('"')[:60]
+
+
+@dataclass
+class Sampled:
+    """What ``sampled`` collected, to print."""
+
+    seconds: float  # CPU seconds sampled, all processes and threads
+    roles: list[tuple[str, float]]
+    rows: list[tuple[str, float, float]]  # function, own s, total s
+
+    def table(self, top: int = 15) -> str:
+        lines = [
+            f"py-spy ({SAMPLE_RATE} samples/s, every process and thread, idle time left out): "
+            f"{self.seconds:.2f} s of CPU in all; "
+            + ", ".join(f"{role} {s:.2f} s" for role, s in self.roles)
+            + f". The top {top} functions by own time:",
+            "",
+            "| own s | total s | function |",
+            "| ---: | ---: | --- |",
+        ]
+        for label, own, total in self.rows[:top]:
+            lines.append(f"| {own:.3f} | {total:.3f} | `{label}` |")
         return "\n".join(lines) + "\n"
 
 
