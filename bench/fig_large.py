@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import data
 from .common import COMPRESSION, make_pipeline
-from .harness import Profile, Section, Stats, fresh_dir, mb, profile, run_child
+from .harness import (
+    Profile,
+    Sampled,
+    Section,
+    Stats,
+    fresh_dir,
+    mb,
+    profile,
+    run_child,
+    sampled,
+)
 
 if TYPE_CHECKING:
     from .__main__ import Context
@@ -203,11 +213,14 @@ def breakdown(csv: str, work: str) -> dict[str, Any]:
     stages.update(sw_convert=timed(sw_convert))
     path = make_pipeline(root / "pipeline")
 
-    def end_to_end() -> None:
-        Pipeline.from_file(path).put(csv, "bronze", "incoming/large.csv")
+    def end_to_end(key: str = "incoming/large.csv") -> None:
+        Pipeline.from_file(path).put(csv, "bronze", key)
         Runtime(path, workers=0, watch=False).drain()
 
-    return {"stages": stages, "profile": profile(end_to_end)}
+    cprofile = profile(end_to_end)
+    with sampled() as threads:  # once more, another key, every thread seen (encoder, MD5)
+        end_to_end("incoming/large-again.csv")
+    return {"stages": stages, "profile": cprofile, "sampled": threads}
 
 
 def reader_alone(csv: str, block_size: int) -> float:
@@ -387,6 +400,17 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
         "",
         Profile.of(found["profile"]).table(),
     )
+    threads = found["sampled"]
+    if "error" in threads:
+        section.add(f"(no sampled profile: {threads['error']})", "")
+    else:
+        section.add(
+            "The same put and conversion once more under py-spy, which also sees the encoder "
+            "and MD5 threads (PyArrow's own reader threads run native code only and show as the "
+            "Python call that waits on them):",
+            "",
+            Sampled(**threads).table(12),
+        )
 
 
 def explain_memory(section: Section, csv: Path) -> None:
