@@ -540,3 +540,35 @@ def test_retention_trims_only_what_every_consumer_committed(tmp_path: Path) -> N
     fast.poll(flush_idle=True)
     assert p.stream("events").length() == 0 and p.stream("events").last_seq() == 10
     assert p.pending() == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c", "d", "e", None]), st.floats(0, 10)),
+        max_size=30,
+    ),
+    kept=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.floats(0, 12), max_size=3),
+    stored=st.dictionaries(st.sampled_from(["b", "c", "d"]), st.floats(0, 12), max_size=3),
+    window=st.sampled_from([0.5, 3.0, 100.0]),
+)
+def test_vectorised_dedup_decides_as_the_exact_rule(
+    rows: list[tuple[str | None, float]],
+    kept: dict[str, float],
+    stored: dict[str, float],
+    window: float,
+) -> None:
+    """Rows kept without looking at them one by one (keys seen once, never before) and
+    the rest through the rule: the same mask and the same windows as the rule alone."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sluiceway.steps.dedup import decide, decide_exact
+
+    rows.sort(key=lambda r: r[1])  # arrival times grow along the stream
+    keys = [k for k, _ in rows]
+    times = np.array([t for _, t in rows], np.float64)
+    exact_kept, fast_kept = dict(kept), dict(kept)
+    want = decide_exact(keys, times.tolist(), exact_kept, stored, window)
+    got = decide(pa.array(keys, pa.string()), keys, times, fast_kept, stored, window)
+    assert got.tolist() == want and fast_kept == exact_kept

@@ -162,6 +162,8 @@ class StreamConsumer:
         self.failures = 0
         self.retry_at = 0.0
         self.last_error: str | None = None
+        # The last poll read records: the stream is busy, the next poll is due soon.
+        self.read_any = False
 
     # -- the loop --------------------------------------------------------------
 
@@ -221,11 +223,13 @@ class StreamConsumer:
         # Read until the flush is full or the stream caught up: a poll that
         # leaves records behind would make the worker idle with work waiting.
         caught_up = False
+        self.read_any = False
         while not caught_up and self.buffered < self.flush_records:
             want = min(self.flush_records - self.buffered, READ_CHUNK)
             got = self.stream.read_events(self.next_seq, want)
             caught_up = got is None or got.count < want
             if got is not None:
+                self.read_any = True
                 if not self.buffer:
                     self.buffered_since = time.monotonic()
                 self.buffer.append(got)
