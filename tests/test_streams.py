@@ -572,3 +572,34 @@ def test_vectorised_dedup_decides_as_the_exact_rule(
     want = decide_exact(keys, times.tolist(), exact_kept, stored, window)
     got = decide(pa.array(keys, pa.string()), keys, times, fast_kept, stored, window)
     assert got.tolist() == want and fast_kept == exact_kept
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    keys=st.lists(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8)
+        | st.sampled_from(['q"uote', "back\\slash", "nul\x00x", "\\u0000", "é\n\t"]),
+        unique=True,
+        max_size=40,
+    ),
+    spread=st.integers(1, 3),
+)
+def test_dedup_keys_are_stored_exactly(keys: list[str], spread: int) -> None:
+    """Keys go into the log as JSON arrays (one per expiry) or row by row: either way
+    each key comes back exactly, with its expiry, under the ids committed() assumed."""
+    from sluiceway.state import StateDB
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = StateDB(Path(tmp) / "state.db")
+        store = DedupStore(db, "f:k")
+        wanted = {k: 100.0 + i % spread for i, k in enumerate(keys)}
+        with db.transaction() as conn:
+            store.commit(conn, wanted, watermark=0.0, purge_batch=10)
+        store.committed()
+        assert store.expiries(keys) == wanted
+        rows = db.conn.execute("SELECT id, key FROM dedup_log ORDER BY id").fetchall()
+        fresh = DedupStore(db, "f:k")  # reads the log back by id, as another process would
+        assert fresh.expiries(keys) == wanted and [r[1] for r in rows] == sorted(
+            keys, key=lambda k: wanted[k]
+        )
+        db.close()

@@ -24,9 +24,12 @@ an event.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -222,11 +225,26 @@ class DedupStore:
         """
         # The write lock is ours: the rows get the ids after the last one ever given.
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dedup_log'").fetchone()
-        self._pending = ((0 if row is None else int(row[0])) + 1, list(keys))
-        conn.executemany(
-            "INSERT INTO dedup_log (scope, key, expires_at) VALUES (?, ?, ?)",
-            [(self.scope, k, v) for k, v in keys.items()],
-        )
+        items = sorted(keys.items(), key=itemgetter(1))  # expiry order, as the purge reads
+        self._pending = ((0 if row is None else int(row[0])) + 1, [k for k, _ in items])
+        # Keys that share an expiry (one append's arrival time) go in as one JSON
+        # array, unpacked in SQLite's C code: a third of the cost of a row each.
+        runs = [
+            (at, json.dumps([k for k, _ in run], ensure_ascii=False))
+            for at, run in groupby(items, itemgetter(1))
+        ]
+        if len(runs) * 8 > len(items) or any("\\u0000" in text for _, text in runs):
+            conn.executemany(  # a NUL would end the key inside SQLite's JSON
+                "INSERT INTO dedup_log (scope, key, expires_at) VALUES (?, ?, ?)",
+                [(self.scope, k, v) for k, v in items],
+            )
+        else:
+            for at, text in runs:
+                conn.execute(
+                    "INSERT INTO dedup_log (scope, key, expires_at)"
+                    " SELECT ?, value, ? FROM json_each(?) ORDER BY key",
+                    (self.scope, at, text),
+                )
         return self.purge(conn, watermark, max(purge_batch, 2 * len(keys)))
 
     def purge(self, conn: sqlite3.Connection, before: float, limit: int) -> int:
