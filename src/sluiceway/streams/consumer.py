@@ -119,6 +119,36 @@ class FlushResult:
         return f"{self.stream}:{self.from_seq}-{self.to_seq}"
 
 
+def flush_info(
+    ctx: FlushContext,
+    rejected: list[dict[str, Any]],
+    *,
+    from_seq: int | str,
+    to_seq: int | str,
+    worker: str,
+    started_at: float,
+    shard: str | None = None,
+) -> dict[str, Any]:
+    """What a flush reports in its ledger entry (``run`` summaries, status): one shape
+    for the worker's consumer and for Lambda, which names the Kinesis shard and its
+    sequence numbers."""
+    where = {} if shard is None else {"shard": shard}
+    return {
+        "input": " ".join(["stream", ctx.stream, *where.values(), f"seqs {from_seq}..{to_seq}"]),
+        "stream": ctx.stream,
+        **where,
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "outputs": ctx.outputs,
+        "stats": ctx.stats,
+        "by_event_name": ctx.by_event_name,
+        "rejected": rejected[:100],
+        "replay": ctx.replay,
+        "worker": worker,
+        "started_at": started_at,
+    }
+
+
 def _counted(ctx: StepContext, name: str, batches: Iterator[Any]) -> Iterator[Any]:
     ctx.stats.setdefault(name, 0)
     for batch in batches:
@@ -349,19 +379,9 @@ class StreamConsumer:
                 "outputs; a stream function must end with write_dataset"
             )
         faults.point("after_commit")  # files published, checkpoint not committed
-        info = {
-            "input": f"stream {self.stream_name} seqs {lo}..{hi}",
-            "stream": self.stream_name,
-            "from_seq": lo,
-            "to_seq": hi,
-            "outputs": ctx.outputs,
-            "stats": ctx.stats,
-            "by_event_name": ctx.by_event_name,
-            "rejected": rejected[:100],
-            "replay": ctx.replay,
-            "worker": self.worker_id,
-            "started_at": started,
-        }
+        info = flush_info(
+            ctx, rejected, from_seq=lo, to_seq=hi, worker=self.worker_id, started_at=started
+        )
         self._commit(ctx, info)
         faults.point("after_done")
         self.failures = 0
