@@ -177,6 +177,24 @@ def check_events(objs: Sequence[Any], lines: Sequence[int] | None = None) -> lis
 _PLAIN_TIME = r"^[1-9]\d{3}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|\+00:00)?$"
 
 
+_FIELDS = ((pc.year, 0, 4), (pc.month, 5, 7), (pc.day, 8, 10), (pc.hour, 11, 13),
+           (pc.minute, 14, 16), (pc.second, 17, 19))  # fmt: skip
+
+
+def _seconds_of(text: pa.Array) -> pa.Array | None:
+    """``YYYY-MM-DDTHH:MM:SS`` texts (digits where digits go) → timestamp[s], or None
+    unless every one is a real time. strptime rolls 30 February over into March,
+    so each field of the result must be the one written (cheaper than strftime)."""
+    parsed = pc.strptime(text, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
+    if parsed.null_count:
+        return None
+    for field, start, stop in _FIELDS:
+        written = pc.cast(pc.utf8_slice_codeunits(text, start, stop), pa.int64())
+        if not pc.all(pc.equal(field(parsed), written)).as_py():
+            return None
+    return parsed
+
+
 def _texts(values: list[Any]) -> pa.Array | None:
     """event_uuid or event_name values → their array, or None unless every one is a
     ``str`` that ``check_event`` accepts as is (see ``_plain_text``)."""
@@ -198,12 +216,8 @@ def _times(values: list[Any]) -> pa.Array | None:
     text = pa.array(values, pa.string())
     if not pc.all(pc.match_substring_regex(text, _PLAIN_TIME)).as_py():
         return None
-    seconds = pc.utf8_slice_codeunits(text, 0, 19)
-    parsed = pc.strptime(seconds, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
-    if parsed.null_count:
-        return None
-    # strptime rolls 30 February over into March: it must format back to the same text.
-    if not pc.all(pc.equal(pc.strftime(parsed, format="%Y-%m-%dT%H:%M:%S"), seconds)).as_py():
+    parsed = _seconds_of(pc.utf8_slice_codeunits(text, 0, 19))
+    if parsed is None:
         return None
     rest = pc.utf8_slice_codeunits(text, 19, 32)  # "", ".5Z", ".123456+00:00", …
     fraction = pc.struct_field(pc.extract_regex(rest, r"^\.?(?P<f>\d*)"), [0])
@@ -400,11 +414,8 @@ def fragments_to_batch(
         or not pc.all(pc.match_substring_regex(created, _NORMALISED_TIME)).as_py()
     ):
         return None
-    seconds = pc.utf8_slice_codeunits(created, 1, 20)
-    parsed = pc.strptime(seconds, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
-    # strptime rolls 30 February over into March: it must format back to the same text.
-    same = pc.equal(pc.strftime(parsed, format="%Y-%m-%dT%H:%M:%S"), seconds)
-    if parsed.null_count or not pc.all(same).as_py():
+    parsed = _seconds_of(pc.utf8_slice_codeunits(created, 1, 20))
+    if parsed is None:
         return None
     micros = pc.cast(pc.utf8_slice_codeunits(created, 21, 27), pa.int64())
     ts = pa.timestamp("us", tz="UTC")
