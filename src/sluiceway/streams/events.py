@@ -234,7 +234,7 @@ def events_batch(objs: Sequence[Any], lines: Sequence[int] | None = None) -> pa.
     record) does ``check_events`` run record by record, to normalise it or to
     name the problem. Both give the same batch.
     """
-    if all(type(o) is dict and o.keys() <= ALLOWED for o in objs):
+    if set(map(type, objs)) == {dict} and all(map(ALLOWED.issuperset, objs)):
         try:
             uuids = _texts([o["event_uuid"] for o in objs])
             names = _texts([o["event_name"] for o in objs])
