@@ -45,10 +45,9 @@ _FRAGMENTS = (
 )
 _SEGMENTS = (
     "SELECT first_seq, last_seq, appended_at, data FROM stream_segments"
-    " WHERE stream = ? AND last_seq >= ? ORDER BY last_seq"
+    " WHERE stream = ? AND last_seq >= ? AND first_seq <= ? ORDER BY last_seq"
 )
 _TS = pa.timestamp("us", tz="UTC")
-NO_END = 2**62  # a seq bound past every seq
 
 
 def _encode_segment(batch: pa.RecordBatch) -> bytes:
@@ -127,22 +126,28 @@ class SqliteStream(Stream):
         """What holds seqs ``from_seq``.. in order, up to ``max_records`` records:
         ("segment", first, last, (appended_at, batch)) with the batch already
         sliced to first..last, and ("rows", first, before, None) for JSON rows
-        with seqs in ``first..before - 1`` (read by the caller)."""
+        with seqs in ``first..before - 1`` (read by the caller).
+
+        The statements below may each see a newer snapshot than the one before
+        (autocommit); bounding them all by the head read first keeps the read
+        gapless, since every later snapshot holds every seq up to that head.
+        """
         conn = self.db.conn
-        segments = conn.execute(_SEGMENTS, (self.name, from_seq))
+        head = self.last_seq()
+        segments = conn.execute(_SEGMENTS, (self.name, from_seq, head))
         try:
-            yield from self._walk(segments, from_seq, max_records)
+            yield from self._walk(segments, from_seq, max_records, head)
         finally:
             segments.close()  # an unfinished statement would pin the reader's snapshot
 
     def _walk(
-        self, segments: sqlite3.Cursor, from_seq: int, max_records: int
+        self, segments: sqlite3.Cursor, from_seq: int, max_records: int, head: int
     ) -> Iterator[tuple[str, int, int, Any]]:
         conn = self.db.conn
         at, left = from_seq, max_records
-        while left > 0:
+        while left > 0 and at <= head:
             seg = segments.fetchone()
-            end = NO_END if seg is None else max(at, seg[0])
+            end = head + 1 if seg is None else max(at, seg[0])
             row = conn.execute(
                 "SELECT seq FROM stream_records WHERE stream = ? AND seq >= ? AND seq < ?"
                 " ORDER BY seq LIMIT 1",
