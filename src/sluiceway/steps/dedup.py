@@ -255,7 +255,15 @@ class DedupStore:
         window per scope), so the oldest keys are the expired ones; after a
         change of window a few may wait for the front to reach them, which
         is harmless: a lookup compares expiries, it never assumes a purge.
+        The same holds for the shortcut: while the oldest key has not expired,
+        nothing is looked at (a flush would otherwise read ``limit`` rows for
+        nothing, most of the time).
         """
+        oldest = conn.execute(
+            "SELECT expires_at FROM dedup_log WHERE scope = ? ORDER BY id LIMIT 1", (self.scope,)
+        ).fetchone()
+        if oldest is None or oldest[0] > before:
+            return 0
         return conn.execute(
             "DELETE FROM dedup_log WHERE id IN (SELECT id FROM dedup_log WHERE scope = ?"
             " ORDER BY id LIMIT ?) AND expires_at <= ?",
