@@ -6,12 +6,16 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow.dataset as ds
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sluiceway import Pipeline, Runtime
+from sluiceway.steps.partition import DERIVED, derive
 
 from .conftest import BRONZE_TO_STAGING
 
@@ -151,3 +155,25 @@ def test_row_groups_and_dictionaries_as_unpartitioned(
         encodings = {names[c]: columns.column(c).encodings for c in range(meta.num_columns)}
         assert not any("DICTIONARY" in e for e in encodings["id"])  # every id distinct
         assert any("DICTIONARY" in e for e in encodings["created_at"])  # 28 values
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    micros=st.lists(st.none() | st.integers(-(10**16), 10**17), max_size=40),
+    fmt=st.sampled_from(sorted(DERIVED.values())),
+    tz=st.sampled_from([None, "UTC", "+00:00", "+05:30", "America/New_York"]),
+    chunked=st.booleans(),
+)
+def test_derived_partitions_are_strftime(
+    micros: list[int | None], fmt: str, tz: str | None, chunked: bool
+) -> None:
+    """Each distinct day or hour formatted once gives what strftime gives row by row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values: Any = pa.array(micros, pa.timestamp("us", tz=tz))
+    if chunked:
+        values = pa.chunked_array([values[: len(micros) // 2], values[len(micros) // 2 :]])
+    got = derive(pa.table({"t": values}), "p", "t", fmt, "test")
+    want = pc.strftime(values, format=fmt)
+    assert got.type == want.type and got.to_pylist() == want.to_pylist()

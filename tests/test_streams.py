@@ -540,3 +540,66 @@ def test_retention_trims_only_what_every_consumer_committed(tmp_path: Path) -> N
     fast.poll(flush_idle=True)
     assert p.stream("events").length() == 0 and p.stream("events").last_seq() == 10
     assert p.pending() == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c", "d", "e", None]), st.floats(0, 10)),
+        max_size=30,
+    ),
+    kept=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.floats(0, 12), max_size=3),
+    stored=st.dictionaries(st.sampled_from(["b", "c", "d"]), st.floats(0, 12), max_size=3),
+    window=st.sampled_from([0.5, 3.0, 100.0]),
+)
+def test_vectorised_dedup_decides_as_the_exact_rule(
+    rows: list[tuple[str | None, float]],
+    kept: dict[str, float],
+    stored: dict[str, float],
+    window: float,
+) -> None:
+    """Rows kept without looking at them one by one (keys seen once, never before) and
+    the rest through the rule: the same mask and the same windows as the rule alone."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sluiceway.steps.dedup import decide, decide_exact
+
+    rows.sort(key=lambda r: r[1])  # arrival times grow along the stream
+    keys = [k for k, _ in rows]
+    times = np.array([t for _, t in rows], np.float64)
+    exact_kept, fast_kept = dict(kept), dict(kept)
+    want = decide_exact(keys, times.tolist(), exact_kept, stored, window)
+    got = decide(pa.array(keys, pa.string()), keys, times, fast_kept, stored, window)
+    assert got.tolist() == want and fast_kept == exact_kept
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    keys=st.lists(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8)
+        | st.sampled_from(['q"uote', "back\\slash", "nul\x00x", "\\u0000", "é\n\t"]),
+        unique=True,
+        max_size=40,
+    ),
+    spread=st.integers(1, 3),
+)
+def test_dedup_keys_are_stored_exactly(keys: list[str], spread: int) -> None:
+    """Keys go into the log as JSON arrays (one per expiry) or row by row: either way
+    each key comes back exactly, with its expiry, under the ids committed() assumed."""
+    from sluiceway.state import StateDB
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = StateDB(Path(tmp) / "state.db")
+        store = DedupStore(db, "f:k")
+        wanted = {k: 100.0 + i % spread for i, k in enumerate(keys)}
+        with db.transaction() as conn:
+            store.commit(conn, wanted, watermark=0.0, purge_batch=10)
+        store.committed()
+        assert store.expiries(keys) == wanted
+        rows = db.conn.execute("SELECT id, key FROM dedup_log ORDER BY id").fetchall()
+        fresh = DedupStore(db, "f:k")  # reads the log back by id, as another process would
+        assert fresh.expiries(keys) == wanted and [r[1] for r in rows] == sorted(
+            keys, key=lambda k: wanted[k]
+        )
+        db.close()

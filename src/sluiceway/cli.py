@@ -519,7 +519,7 @@ def stream_put(
     pipeline: PipelineOpt = DEFAULT_PIPELINE,
 ) -> None:
     """Append events (JSON Lines) to STREAM; every line is checked before any is appended."""
-    from .streams.events import check_events, parse_json_lines
+    from .streams.events import events_batch, parse_json_lines
 
     p = _load(pipeline)
     target = p.stream(stream)
@@ -532,10 +532,10 @@ def stream_put(
     objs, lines = parse_json_lines(text)
     if not objs:
         raise SluicewayError(f"{source}: no events")
-    events = check_events(objs, lines)
+    events = events_batch(objs, lines)
     seqs: list[int] = []
-    for i in range(0, len(events), APPEND_CHUNK):
-        seqs += target.append(events[i : i + APPEND_CHUNK])
+    for i in range(0, events.num_rows, APPEND_CHUNK):
+        seqs += target.append_events(events.slice(i, APPEND_CHUNK))
     console.print(f"appended {len(seqs)} events to {stream} (seqs {seqs[0]}..{seqs[-1]})")
 
 

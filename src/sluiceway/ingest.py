@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from .errors import SluicewayError
 from .pipeline import Pipeline
-from .streams.events import EventError, check_events, parse_json_lines
+from .streams.events import EventError, events_batch, parse_json_lines
 
 log = logging.getLogger("sluiceway.ingest")
 
@@ -248,7 +248,7 @@ def create_app(
                 n=len(objs),
             )
         try:
-            events = check_events(objs, lines)
+            events = events_batch(objs, lines)
         except EventError as e:
             first = e.problems[0]
             return refuse(
@@ -263,7 +263,7 @@ def create_app(
                 bad_records=e.total,
             )
         try:
-            seqs = await run_in_threadpool(stream.append, events)
+            seqs = await run_in_threadpool(stream.append_events, events)
         except Exception:
             log.exception("append to stream %s failed", name)
             return refuse(
@@ -271,7 +271,7 @@ def create_app(
                 503,
                 "unavailable",
                 "the stream could not commit the events; nothing was accepted, retry later",
-                n=len(events),
+                n=events.num_rows,
             )
         accepted.labels(name).inc(len(seqs))
         return JSONResponse(

@@ -167,10 +167,10 @@ class Pipeline:
 
     def append_events(self, stream: str, events: Sequence[Any]) -> list[int]:
         """Check events (raises EventError naming each bad one) and append them all, or none."""
-        from .streams.events import check_events
+        from .streams.events import events_batch
 
         target = self.stream(stream)
-        return target.append(check_events(events))
+        return list(target.append_events(events_batch(events)))
 
     def stream_status(self) -> dict[str, Any]:
         """Per stream: length and head; per consuming function: checkpoint, lag, counts.

@@ -127,6 +127,18 @@ CREATE TABLE IF NOT EXISTS stream_records (
     data         TEXT NOT NULL,
     PRIMARY KEY (stream, seq)
 ) WITHOUT ROWID;
+-- Checked events, one Arrow IPC segment per append (streams/sqlite.py): seqs
+-- first_seq..last_seq, in the columns of streams.events.STORED_SCHEMA. Records
+-- appended as JSON (and streams written before segments) stay in stream_records;
+-- a read merges both by seq.
+CREATE TABLE IF NOT EXISTS stream_segments (
+    stream       TEXT NOT NULL,
+    first_seq    INTEGER NOT NULL,
+    last_seq     INTEGER NOT NULL,
+    appended_at  REAL NOT NULL,
+    data         BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS stream_segments_last ON stream_segments (stream, last_seq);
 -- The last seq each consumer (a stream function) has committed.
 CREATE TABLE IF NOT EXISTS stream_checkpoints (
     stream      TEXT NOT NULL,

@@ -39,6 +39,8 @@ from .steps.chunks import Chunking, chunk_of, key_suffix
 from .steps.python import resolve_handler
 
 log = logging.getLogger("sluiceway.worker")
+# The pause after a poll that read stream records but had nothing to flush yet.
+BUSY_WAIT = 0.005
 
 
 class Shutdown(BaseException):
@@ -258,6 +260,11 @@ class Worker:
         for name, consumer in self.consumers.items():
             for r in consumer.poll(flush_idle=flush_idle):
                 outcomes.append(Outcome(r.status, r.id, name, r.info))
+        if any(c.read_any for c in self.consumers.values()):
+            # Records are arriving: a stream read nothing to flush yet, but the
+            # rest of its flush is on the way. Waiting the whole idle pause
+            # would leave the worker idle with work coming in.
+            wait = min(wait, BUSY_WAIT)
         if not outcomes and wait > 0 and not names:
             self.stopping.wait(wait)  # only stream functions: nothing to block on
         elif not outcomes and wait > 0:

@@ -231,3 +231,165 @@ def test_read_events_of_plain_events_is_vectorised() -> None:
     assert batch is not None and batch.column("payload")[2].as_py() == '{"n":2,"s":"é\\n"}'
     assert fragments_to_batch([1.5], ['"u"'], ['"x"'], ['"2026-02-30T10:00:00.000000Z"'],
                               [None], [1]) is None  # fmt: skip
+
+
+# created_at as producers write it: the plain forms events_batch reads column by
+# column, and the ones it must leave to check_events (offsets, other separators,
+# 7 digits of fraction, impossible dates, year 0999).
+_created_text = st.one_of(
+    st.builds(
+        lambda d, digits, zone: (
+            d.strftime("%Y-%m-%dT%H:%M:%S")
+            + (f".{d.microsecond:06d}"[: digits + 1] if digits else "")
+            + zone
+        ),
+        st.datetimes(),
+        st.integers(0, 7),
+        st.sampled_from(["", "Z", "+00:00", "+02:00", "z"]),
+    ),
+    st.sampled_from(
+        [
+            "2026-02-30T10:00:00Z",
+            "2026-11-24T24:00:00Z",
+            "2026-11-24T10:00:60Z",
+            "0999-01-01T00:00:00Z",
+            "0000-01-01T00:00:00Z",
+            "2026-11-24 10:00:00",
+            "2026-11-24",
+            "nope",
+        ]
+    ),
+)
+_raw_events = st.fixed_dictionaries(
+    {
+        "event_uuid": _text | st.just(b"bytes") | st.integers(),
+        "event_name": _text,
+        "created_at": _created_text,
+    },
+    optional={"payload": _json, "extra": st.integers()},
+)
+
+
+def _precise(objs: list[Any]) -> Any:
+    """What check_events and records_to_batch make of ``objs``, without received_at."""
+    from sluiceway.streams.base import Record
+    from sluiceway.streams.events import records_to_batch
+
+    batch, rejected = records_to_batch(
+        [Record(i, 0.0, e) for i, e in enumerate(check_events(objs))]
+    )
+    assert not rejected
+    return batch.drop_columns(["received_at"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(objs=st.lists(_raw_events | st.sampled_from([None, [], "x"]), min_size=1, max_size=6))
+def test_events_batch_is_check_events_column_by_column(objs: list[Any]) -> None:
+    """The vectorised check accepts exactly what check_event accepts, stores what it
+    normalises, and names the same records and fields when it refuses."""
+    from sluiceway.streams.events import EventError, events_batch
+
+    try:
+        want = _precise(objs)
+    except EventError as e:
+        with pytest.raises(EventError) as got:
+            events_batch(objs)
+        assert str(got.value) == str(e) and got.value.total == e.total
+        return
+    got_batch = events_batch(objs)
+    assert got_batch.schema.equals(want.schema, check_metadata=True)
+    assert got_batch.equals(want)
+
+
+def test_events_batch_of_plain_events_is_vectorised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain events never take the record-by-record check (else the test above proves
+    nothing about the fast path)."""
+    from sluiceway.streams import events as module
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("check_events was called")
+
+    monkeypatch.setattr(module, "check_events", refuse)
+    batch = module.events_batch(
+        [
+            {"event_uuid": "u1", "event_name": "x", "created_at": "2026-11-24T10:00:00.5Z"},
+            {"event_uuid": "u2", "event_name": "y", "created_at": "2026-11-24T10:00:00+00:00"},
+            {
+                "event_uuid": "u3",
+                "event_name": "z",
+                "created_at": "2026-11-24T10:00:00.123456",
+                "payload": {"n": 1},
+            },
+        ]
+    )
+    assert batch.column("created_at").cast("int64").to_pylist() == [
+        1_795_514_400_500_000,
+        1_795_514_400_000_000,
+        1_795_514_400_123_456,
+    ]
+    assert batch.column("payload").to_pylist() == [None, None, '{"n":1}']
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    appends=st.lists(
+        st.tuples(st.booleans(), st.lists(_events, min_size=1, max_size=5)), min_size=1, max_size=4
+    )
+)
+def test_appended_events_read_as_if_appended_as_json(
+    make: Callable[..., Stream], appends: list[tuple[bool, list[dict[str, Any]]]]
+) -> None:
+    """append_events (segments) and append of the checked events (JSON rows, and every
+    stream written before segments) read the same, however the two are mixed and
+    wherever a read starts or stops."""
+    from sluiceway.streams.events import events_batch
+
+    tag = uuid.uuid4().hex[:8]
+    mixed, plain = make(f"m{tag}"), make(f"p{tag}")
+    for as_batch, objs in appends:
+        events = [e for e in objs if not check_event(e, 0)[1]]
+        if not events:
+            continue
+        if as_batch:
+            seqs = list(mixed.append_events(events_batch(events)))
+        else:
+            seqs = mixed.append(check_events(events))
+        assert seqs == plain.append(check_events(events))
+    last = plain.last_seq()
+    assert mixed.last_seq() == last and mixed.length() == plain.length()
+    for start, size in itertools.product(range(1, last + 1), (1, 2, 3, last)):
+        got, want = mixed.read(start, size), plain.read(start, size)
+        assert [(r.seq, r.data) for r in got] == [(r.seq, r.data) for r in want]
+        chunk, exact = mixed.read_events(start, size), EventChunk.of(want)
+        assert chunk is not None and exact is not None
+        assert (chunk.first_seq, chunk.last_seq, chunk.count) == (
+            exact.first_seq,
+            exact.last_seq,
+            exact.count,
+        )
+        assert chunk.batch.equals(exact.batch) and chunk.rejected == exact.rejected
+
+
+def test_trim_cuts_segments_to_the_record(make: Callable[..., Stream]) -> None:
+    """A trim removes exactly the records asked, also from inside a segment."""
+    from sluiceway.streams.events import events_batch
+
+    s = make()
+    for n in (3, 4, 5):  # seqs 1-3, 4-7, 8-12
+        base = s.last_seq()
+        s.append_events(
+            events_batch(
+                [
+                    {"event_uuid": f"u{base + i}", "event_name": "x", "created_at": "2026-11-24"}
+                    for i in range(n)
+                ]
+            )
+        )
+    assert s.trim(5, limit=10) == 5 and s.length() == 7
+    assert [r.seq for r in s.read(1, 100)] == list(range(6, 13))
+    assert s.trim(12, limit=4) == 4 and [r.seq for r in s.read(1, 100)] == [10, 11, 12]
+    assert s.read(1, 1)[0].data["event_uuid"] == "u9"
+    assert s.trim(12) == 3 and s.length() == 0 and s.read_events(1) is None
+    assert s.last_seq() == 12

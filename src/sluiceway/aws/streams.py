@@ -80,7 +80,7 @@ from ..steps import STEPS, parse_step
 from ..steps.base import Batches, StepContext, StepFn
 from ..steps.dedup import TIME_COLUMN, DedupOptions
 from ..streams.base import Record
-from ..streams.consumer import FlushContext, flush_ledger_key
+from ..streams.consumer import FlushContext, flush_info, flush_ledger_key
 from ..streams.events import records_to_batch
 
 if TYPE_CHECKING:
@@ -692,21 +692,16 @@ class LambdaStreamFunction:
             self._reject(shard, recs, rejected)
         faults.point("after_commit")  # files published, the checkpoint not moved
         self.state.commit(self.function, shard, hi.seq, planned[-1])
-        info = {
-            "input": f"stream {self.stream} {shard} seqs {lo.seq}..{hi.seq}",
-            "stream": self.stream,
-            "shard": shard,
-            "from_seq": lo.seq,
-            "to_seq": hi.seq,
-            "outputs": ctx.outputs,
-            "stats": ctx.stats,
-            "by_event_name": ctx.by_event_name,
-            "rejected": rejected[:100],
-            "replay": ctx.replay,
-            "worker": self.worker_id,
-            "started_at": started,
-            "finished_at": time.time(),
-        }
+        info = flush_info(
+            ctx,
+            rejected,
+            from_seq=lo.seq,
+            to_seq=hi.seq,
+            worker=self.worker_id,
+            started_at=started,
+            shard=shard,
+        )
+        info["finished_at"] = time.time()
         self._record_in_ledger(shard, lo.seq, hi.seq, info)
         return info
 

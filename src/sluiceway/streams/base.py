@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import SluicewayError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from .events import EventChunk
 
 
@@ -54,6 +56,18 @@ class Stream(abc.ABC):
 
         All or nothing: when this raises, none of the records was appended.
         """
+
+    def append_events(self, batch: pa.RecordBatch) -> range:
+        """Append checked events (a batch of ``STORED_SCHEMA``, as ``events_batch``
+        makes it); returns their seqs once they are durable. All or nothing.
+
+        A backend may store the batch as it is; reading it back must give what
+        appending its events as JSON objects would.
+        """
+        from .events import batch_events
+
+        seqs = self.append(batch_events(batch))
+        return range(seqs[0], seqs[-1] + 1) if seqs else range(0)
 
     @abc.abstractmethod
     def read(self, from_seq: int, max_records: int = 1000) -> list[Record]:

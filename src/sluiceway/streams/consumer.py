@@ -119,6 +119,36 @@ class FlushResult:
         return f"{self.stream}:{self.from_seq}-{self.to_seq}"
 
 
+def flush_info(
+    ctx: FlushContext,
+    rejected: list[dict[str, Any]],
+    *,
+    from_seq: int | str,
+    to_seq: int | str,
+    worker: str,
+    started_at: float,
+    shard: str | None = None,
+) -> dict[str, Any]:
+    """What a flush reports in its ledger entry (``run`` summaries, status): one shape
+    for the worker's consumer and for Lambda, which names the Kinesis shard and its
+    sequence numbers."""
+    where = {} if shard is None else {"shard": shard}
+    return {
+        "input": " ".join(["stream", ctx.stream, *where.values(), f"seqs {from_seq}..{to_seq}"]),
+        "stream": ctx.stream,
+        **where,
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "outputs": ctx.outputs,
+        "stats": ctx.stats,
+        "by_event_name": ctx.by_event_name,
+        "rejected": rejected[:100],
+        "replay": ctx.replay,
+        "worker": worker,
+        "started_at": started_at,
+    }
+
+
 def _counted(ctx: StepContext, name: str, batches: Iterator[Any]) -> Iterator[Any]:
     ctx.stats.setdefault(name, 0)
     for batch in batches:
@@ -162,6 +192,8 @@ class StreamConsumer:
         self.failures = 0
         self.retry_at = 0.0
         self.last_error: str | None = None
+        # The last poll read records: the stream is busy, the next poll is due soon.
+        self.read_any = False
 
     # -- the loop --------------------------------------------------------------
 
@@ -221,11 +253,13 @@ class StreamConsumer:
         # Read until the flush is full or the stream caught up: a poll that
         # leaves records behind would make the worker idle with work waiting.
         caught_up = False
+        self.read_any = False
         while not caught_up and self.buffered < self.flush_records:
             want = min(self.flush_records - self.buffered, READ_CHUNK)
             got = self.stream.read_events(self.next_seq, want)
             caught_up = got is None or got.count < want
             if got is not None:
+                self.read_any = True
                 if not self.buffer:
                     self.buffered_since = time.monotonic()
                 self.buffer.append(got)
@@ -345,19 +379,9 @@ class StreamConsumer:
                 "outputs; a stream function must end with write_dataset"
             )
         faults.point("after_commit")  # files published, checkpoint not committed
-        info = {
-            "input": f"stream {self.stream_name} seqs {lo}..{hi}",
-            "stream": self.stream_name,
-            "from_seq": lo,
-            "to_seq": hi,
-            "outputs": ctx.outputs,
-            "stats": ctx.stats,
-            "by_event_name": ctx.by_event_name,
-            "rejected": rejected[:100],
-            "replay": ctx.replay,
-            "worker": self.worker_id,
-            "started_at": started,
-        }
+        info = flush_info(
+            ctx, rejected, from_seq=lo, to_seq=hi, worker=self.worker_id, started_at=started
+        )
         self._commit(ctx, info)
         faults.point("after_done")
         self.failures = 0

@@ -11,6 +11,7 @@ would have to be skipped later. ``created_at`` is stored normalised to UTC
 from __future__ import annotations
 
 import json
+import json.encoder
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,9 +27,35 @@ REQUIRED = ("event_uuid", "event_name", "created_at")
 ALLOWED = frozenset((*REQUIRED, "payload"))
 MAX_TEXT = 256  # event_uuid and event_name: ids and names, not documents
 MAX_REPORTED = 20  # problems listed in one error; the rest are counted
-# How records and payloads are written as JSON text: one encoder, made once
-# (json.dumps with options builds a new one per call, a third of the cost).
-encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# How records and payloads are written as JSON text: the C encoder that
+# ``json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode`` uses,
+# made once (the encoder makes it again on every call, two thirds of the cost
+# of a small payload). The same text; only a circular structure differs (a
+# RecursionError instead of a ValueError).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encode_chunks = (
+    None
+    if _c_encoder is None
+    else _c_encoder(
+        None,
+        _JSON.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        _JSON.allow_nan,
+    )
+)
+
+
+def encode_json(value: Any) -> str:
+    if _encode_chunks is None:  # a Python without the C accelerator
+        return _JSON.encode(value)
+    return "".join(_encode_chunks(value, 0))
+
 
 # Columns a stream function's steps receive. ``payload`` stays JSON text so the
 # schema is the same for every event name; the metadata tells JSON writers to
@@ -43,6 +70,9 @@ EVENT_SCHEMA = pa.schema(
         pa.field("received_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
+# What a stream stores of an event (the arrival time is the stream's, per append).
+EVENT_RECEIVED = EVENT_SCHEMA.field("received_at")
+STORED_SCHEMA = EVENT_SCHEMA.remove(EVENT_SCHEMA.get_field_index("received_at"))
 
 
 @dataclass(frozen=True)
@@ -140,6 +170,115 @@ def check_events(objs: Sequence[Any], lines: Sequence[int] | None = None) -> lis
     if problems:
         raise EventError(problems)
     return events
+
+
+# An ISO 8601 time that ``parse_created_at`` reads as UTC and that Arrow can take
+# apart the same way: seconds, 1 to 6 digits of fraction, then Z, +00:00 or nothing.
+_PLAIN_TIME = r"^[1-9]\d{3}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|\+00:00)?$"
+
+
+_FIELDS = ((pc.year, 0, 4), (pc.month, 5, 7), (pc.day, 8, 10), (pc.hour, 11, 13),
+           (pc.minute, 14, 16), (pc.second, 17, 19))  # fmt: skip
+
+
+def _seconds_of(text: pa.Array) -> pa.Array | None:
+    """``YYYY-MM-DDTHH:MM:SS`` texts (digits where digits go) → timestamp[s], or None
+    unless every one is a real time. strptime rolls 30 February over into March,
+    so each field of the result must be the one written (cheaper than strftime)."""
+    parsed = pc.strptime(text, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
+    if parsed.null_count:
+        return None
+    for field, start, stop in _FIELDS:
+        written = pc.cast(pc.utf8_slice_codeunits(text, start, stop), pa.int64())
+        if not pc.all(pc.equal(field(parsed), written)).as_py():
+            return None
+    return parsed
+
+
+def _texts(values: list[Any]) -> pa.Array | None:
+    """event_uuid or event_name values → their array, or None unless every one is a
+    ``str`` that ``check_event`` accepts as is (see ``_plain_text``)."""
+    if set(map(type, values)) != {str}:
+        return None
+    text = pa.array(values, pa.string())
+    ok = pc.and_(
+        pc.match_substring_regex(text, "[0-9A-Za-z]"),
+        pc.less_equal(pc.utf8_length(text), MAX_TEXT),
+    )
+    return text if pc.all(ok).as_py() else None
+
+
+def _times(values: list[Any]) -> pa.Array | None:
+    """created_at values → UTC microseconds, or None unless every one has the plain
+    form ``_PLAIN_TIME`` and is a real time (no 30 February, no hour 24)."""
+    if set(map(type, values)) != {str}:
+        return None
+    text = pa.array(values, pa.string())
+    if not pc.all(pc.match_substring_regex(text, _PLAIN_TIME)).as_py():
+        return None
+    parsed = _seconds_of(pc.utf8_slice_codeunits(text, 0, 19))
+    if parsed is None:
+        return None
+    rest = pc.utf8_slice_codeunits(text, 19, 32)  # "", ".5Z", ".123456+00:00", …
+    fraction = pc.struct_field(pc.extract_regex(rest, r"^\.?(?P<f>\d*)"), [0])
+    micros = pc.cast(pc.utf8_rpad(fraction, 6, "0"), pa.int64())
+    return pc.add(pc.multiply(pc.cast(parsed, pa.int64()), 1_000_000), micros)
+
+
+def events_batch(objs: Sequence[Any], lines: Sequence[int] | None = None) -> pa.RecordBatch:
+    """Every record checked, as one batch of ``STORED_SCHEMA``; raises EventError
+    naming each bad record (index or line, field), as ``check_events`` does.
+
+    Vectorised: the envelope is checked column by column with Arrow, and only
+    when some value is not in the plain form (a time with an offset, a bad
+    record) does ``check_events`` run record by record, to normalise it or to
+    name the problem. Both give the same batch.
+    """
+    if set(map(type, objs)) == {dict} and all(map(ALLOWED.issuperset, objs)):
+        try:
+            uuids = _texts([o["event_uuid"] for o in objs])
+            names = _texts([o["event_name"] for o in objs])
+            created = _times([o["created_at"] for o in objs])
+        except KeyError:
+            uuids = names = created = None
+        if uuids is not None and names is not None and created is not None:
+            return _stored(uuids, names, created, objs)
+    events = check_events(objs, lines)
+    return _stored(
+        pa.array([e["event_uuid"] for e in events], pa.string()),
+        pa.array([e["event_name"] for e in events], pa.string()),
+        pa.array([_micros(parse_created_at(e["created_at"])) for e in events], pa.int64()),
+        events,
+    )
+
+
+def _stored(
+    uuids: pa.Array, names: pa.Array, micros: pa.Array, events: Sequence[dict[str, Any]]
+) -> pa.RecordBatch:
+    payloads = [encode_json(e["payload"]) if "payload" in e else None for e in events]
+    return pa.RecordBatch.from_arrays(
+        [uuids, names, micros.cast(pa.timestamp("us", tz="UTC")), pa.array(payloads, pa.string())],
+        schema=STORED_SCHEMA,
+    )
+
+
+def batch_events(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A stored batch → the events as ``check_event`` normalises them (for ``read``)."""
+    out: list[dict[str, Any]] = []
+    created = batch.column("created_at").to_pylist()
+    payloads = batch.column("payload").to_pylist()
+    for uuid, name, at, payload in zip(
+        batch.column("event_uuid").to_pylist(),
+        batch.column("event_name").to_pylist(),
+        created,
+        payloads,
+        strict=True,
+    ):
+        event = {"event_uuid": uuid, "event_name": name, "created_at": format_time(at)}
+        if payload is not None:
+            event["payload"] = json.loads(payload)
+        out.append(event)
+    return out
 
 
 def parse_json_lines(text: str) -> tuple[list[Any], list[int]]:
@@ -275,11 +414,8 @@ def fragments_to_batch(
         or not pc.all(pc.match_substring_regex(created, _NORMALISED_TIME)).as_py()
     ):
         return None
-    seconds = pc.utf8_slice_codeunits(created, 1, 20)
-    parsed = pc.strptime(seconds, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
-    # strptime rolls 30 February over into March: it must format back to the same text.
-    same = pc.equal(pc.strftime(parsed, format="%Y-%m-%dT%H:%M:%S"), seconds)
-    if parsed.null_count or not pc.all(same).as_py():
+    parsed = _seconds_of(pc.utf8_slice_codeunits(created, 1, 20))
+    if parsed is None:
         return None
     micros = pc.cast(pc.utf8_slice_codeunits(created, 21, 27), pa.int64())
     ts = pa.timestamp("us", tz="UTC")
