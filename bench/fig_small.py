@@ -254,14 +254,19 @@ def run(ctx: Context) -> Section:
     return section
 
 
-def explain(section: Section, files: list[Path]) -> None:
-    work = fresh_dir("small-profile")
+def _in_scratch(function: str, files: list[Path]) -> Any:
+    """What ``function`` of this module returns, run in a child with a scratch directory."""
+    work = fresh_dir(f"small-{function}")
     try:
-        got = run_child(
-            "bench.fig_small:profile_inline", files=[str(f) for f in files], work=str(work)
+        return run_child(
+            f"bench.fig_small:{function}", files=[str(f) for f in files], work=str(work)
         ).result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def explain(section: Section, files: list[Path]) -> None:
+    got = _in_scratch("profile_inline", files)
     ms = got["ms_per_file"]
     section.add(
         "### Where the time goes",
@@ -314,13 +319,7 @@ def explain(section: Section, files: list[Path]) -> None:
         "",
         prof.table(15),
     )
-    work = fresh_dir("small-sampled")
-    try:
-        found = run_child(
-            "bench.fig_small:service_profile", files=[str(f) for f in files], work=str(work)
-        ).result
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    found = _in_scratch("service_profile", files)
     section.add(
         f"The service itself, all {len(files)} files put and converted once more with py-spy "
         "attached to the driver, the `sluiceway run` process and its workers:",
