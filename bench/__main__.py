@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import shutil
 import sqlite3
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small data, under two minutes")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (at least 3)")
     parser.add_argument("--only", help="comma-separated figure numbers, e.g. 1,3")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with --only: keep the other figures from the RESULTS.md of an earlier run "
+        "in the same mode (the file says which figures came from which run)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 3:
         parser.error("--runs must be at least 3 (median and range need them)")
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx.note_load()
     shutil.rmtree(WORK_DIR, ignore_errors=True)
     elapsed = time.monotonic() - started
-    RESULTS.write_text(report(ctx, sections, elapsed, data_seconds))
+    kept = earlier(RESULTS.read_text(), set(sections), ctx) if args.update else None
+    RESULTS.write_text(report(ctx, sections, elapsed, data_seconds, kept))
     say(f"wrote {RESULTS} in {elapsed:.0f} s")
     for s in sorted(sections.items()):
         for target in s[1].targets:
@@ -156,7 +164,50 @@ def failed(number: int, tb: str) -> Section:
 # -- the report -------------------------------------------------------------------------
 
 
-def report(ctx: Context, sections: dict[int, Section], elapsed: float, data_s: float) -> str:
+@dataclass
+class Kept:
+    """Figures taken over from an earlier RESULTS.md (``--update``): its words, as written."""
+
+    written: str  # the earlier file's "Written by …" sentence
+    sections: dict[int, str]  # figure → its markdown
+    targets: dict[int, list[str]]  # figure → its rows of the targets table
+
+
+def earlier(text: str, rerun: set[int], ctx: Context) -> Kept:
+    """The figures of an earlier RESULTS.md that this run did not measure again."""
+    lines = text.splitlines()
+    head = next((ln for ln in lines if ln.startswith("Written by `")), "")
+    if ("--quick" in head) != ctx.quick:
+        raise SystemExit("--update: the earlier RESULTS.md is from the other mode (quick/full)")
+    sections: dict[int, list[str]] = {}
+    targets: dict[int, list[str]] = {}
+    current: list[str] | None = None
+    in_targets = False
+    for line in lines:
+        figure = re.match(r"## (\d+)\. ", line)
+        if line.startswith("## "):
+            current, in_targets = None, line == "## Targets"
+            if figure and int(figure[1]) not in rerun:
+                current = sections.setdefault(int(figure[1]), [])
+        row = re.match(r"\| (\d+) \|", line)
+        if in_targets and row and int(row[1]) not in rerun:
+            targets.setdefault(int(row[1]), []).append(line)
+        if current is not None:
+            current.append(line)
+    return Kept(
+        head.split(", in ")[0].removeprefix("Written by "),
+        {n: "\n".join(body).rstrip() + "\n" for n, body in sections.items()},
+        targets,
+    )
+
+
+def report(
+    ctx: Context,
+    sections: dict[int, Section],
+    elapsed: float,
+    data_s: float,
+    kept: Kept | None = None,
+) -> str:
     mode = "python -m bench --quick" if ctx.quick else "python -m bench"
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
@@ -165,15 +216,31 @@ def report(ctx: Context, sections: dict[int, Section], elapsed: float, data_s: f
         f"Written by `{mode}` on {now}, in {elapsed:.0f} s (data generation: {data_s:.0f} s). "
         "This file is generated: rerun `make bench` (full) or `make bench-quick` instead of "
         "editing it." + (" **Quick mode: smaller data, noisier figures.**" if ctx.quick else ""),
+    ]
+    if kept and kept.sections:
+        numbers = ", ".join(str(n) for n in sorted(kept.sections))
+        measured = ", ".join(str(n) for n in sorted(sections))
+        out += [
+            "",
+            f"**Figures {numbers} are kept from an earlier run** ({kept.written}); this run "
+            f"(`--only {measured} --update`) measured figure(s) {measured} again, so the "
+            "machine facts below are this run's.",
+        ]
+    out += [
         "",
         "## Targets",
         "",
         "| figure | target | measured | goal | verdict |",
         "| --- | --- | ---: | ---: | --- |",
     ]
-    for number, section in sorted(sections.items()):
-        for t in section.targets:
-            out.append(f"| {number} | {t.what} | {t.value} | {t.goal} | {verdict(t.met)} |")
+    rows: dict[int, list[str]] = dict(kept.targets) if kept else {}
+    for number, section in sections.items():
+        rows[number] = [
+            f"| {number} | {t.what} | {t.value} | {t.goal} | {verdict(t.met)} |"
+            for t in section.targets
+        ]
+    for number in sorted(rows):
+        out += rows[number]
     out += ["", "## Machine", "", "| | |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in machine().items()]
     busy = max(ctx.loads, default=0.0)
@@ -188,8 +255,10 @@ def report(ctx: Context, sections: dict[int, Section], elapsed: float, data_s: f
     out += ["", "## Libraries", "", "| library | version |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in libraries().items()]
     out.append("")
-    for _, section in sorted(sections.items()):
-        out.append(section.markdown())
+    bodies = {n: section.markdown() for n, section in sections.items()}
+    bodies.update(kept.sections if kept else {})
+    for _, body in sorted(bodies.items()):
+        out.append(body)
     out += method(ctx)
     return "\n".join(out).rstrip() + "\n"
 

@@ -1,6 +1,6 @@
 """``python -m bench.child SPEC OUT``: run one contender in this fresh process.
 
-SPEC is JSON ``{"target": "module:function", "kwargs": {...}}``. The file
+SPEC is a file holding JSON ``{"target": "module:function", "kwargs": {...}}``. The file
 OUT receives ``{"result": <the function's JSON-able return value>,
 "peak_rss": <bytes>}``.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    spec = json.loads(Path(sys.argv[1]).read_text())
     module, _, name = spec["target"].partition(":")
     fn = getattr(importlib.import_module(module), name)
     result = fn(**spec["kwargs"])

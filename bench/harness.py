@@ -96,10 +96,12 @@ def run_child(target: str, *, timeout: float = 3600.0, **kwargs: Any) -> ChildRe
     with tempfile.TemporaryDirectory(prefix="bench-child-") as tmp:
         out = Path(tmp) / "result.json"
         log = Path(tmp) / "stderr.txt"
-        spec = json.dumps({"target": target, "kwargs": kwargs})
+        # In a file, not argv: 10,000 file names are past the kernel's argument limit.
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"target": target, "kwargs": kwargs}))
         with open(log, "wb") as err:
             proc = subprocess.run(
-                [sys.executable, "-m", "bench.child", spec, str(out)],
+                [sys.executable, "-m", "bench.child", str(spec), str(out)],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
