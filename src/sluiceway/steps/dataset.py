@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -133,28 +132,6 @@ def write_file(bucket: Any, key: str, table: pa.Table, fmt: str, opts: WriteData
     return int(bucket.head(key).size)
 
 
-WRITERS = 4  # partition files of one flush written at once
-
-
-def write_files(
-    bucket: Any, files: list[tuple[str, pa.Table]], opts: WriteDatasetOptions
-) -> list[int]:
-    """Write a flush's partition files, several at a time; their sizes, in order.
-
-    Each file is encoded and, with ``durability: full``, fsynced on its own;
-    one after the other, a flush of a few partitions spent most of its time
-    waiting on those fsyncs. PyArrow's encoder and fsync release the GIL, and
-    every file is published on its own (the intent already lists every key),
-    so writing them side by side changes no promise. The first error is
-    raised once every writer has stopped.
-    """
-    if len(files) < 2:
-        return [write_file(bucket, key, part, opts.format, opts) for key, part in files]
-    with ThreadPoolExecutor(min(WRITERS, len(files)), thread_name_prefix="dataset") as pool:
-        futures = [pool.submit(write_file, bucket, k, p, opts.format, opts) for k, p in files]
-    return [f.result() for f in futures]
-
-
 @register
 class WriteDataset(StepType):
     name = "write_dataset"
@@ -187,12 +164,14 @@ class WriteDataset(StepType):
             # Step 1 of the flush protocol: every key is on record before any is written.
             ctx.plan_outputs([{"bucket": opts.bucket, "key": key} for key, _ in files])
             bucket = ctx.bucket(opts.bucket)
-            sizes = write_files(bucket, files, opts)
-            for (key, part), size in zip(files, sizes, strict=True):
+            written = 0
+            for key, part in files:
+                size = write_file(bucket, key, part, opts.format, opts)
+                written += part.num_rows
                 ctx.outputs.append(
                     {"bucket": opts.bucket, "key": key, "rows": part.num_rows, "bytes": size}
                 )
-            ctx.count("rows_written", sum(part.num_rows for _, part in files))
+            ctx.count("rows_written", written)
             return iter(())
 
         return write_dataset
