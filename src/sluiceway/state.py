@@ -228,12 +228,6 @@ class StateDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
         self._local = threading.local()
-        # Deferred etag cache entries, for the whole process: an entry names a
-        # file already published, so whichever thread commits next may write
-        # it (a thread that only writes files, as a flush's writer pool does,
-        # may never commit at all).
-        self._etags: dict[str, tuple[str, int, int, int, str]] = {}
-        self._etags_lock = threading.Lock()
         with self.transaction() as conn:
             for statement in _statements(SCHEMA):
                 conn.execute(statement)
@@ -316,8 +310,7 @@ class StateDB:
         conn.execute("COMMIT")
 
     def cached_etag(self, path: str, size: int, mtime_ns: int, ino: int) -> str | None:
-        with self._etags_lock:
-            pending = self._etags.get(path)
+        pending = self._pending_etags().get(path)
         if pending is not None and pending[:4] == (path, size, mtime_ns, ino):
             return pending[4]
         row = self.conn.execute(
@@ -334,28 +327,33 @@ class StateDB:
         by the transaction that raises or records them, which carries it. A
         crash before that loses only the entry; the file is hashed again.
         """
-        with self._etags_lock:
-            self._etags[path] = (path, size, mtime_ns, ino, etag)
-            full = len(self._etags) >= ETAG_BATCH
-        if getattr(self._local, "depth", 0) or full:
+        pending = self._pending_etags()
+        pending[path] = (path, size, mtime_ns, ino, etag)
+        if getattr(self._local, "depth", 0) or len(pending) >= ETAG_BATCH:
             self.flush()
 
+    def _pending_etags(self) -> dict[str, tuple[str, int, int, int, str]]:
+        pending = getattr(self._local, "etags", None)
+        if pending is None:
+            pending = self._local.etags = {}
+        return pending
+
     def _write_pending(self, conn: sqlite3.Connection) -> None:
-        with self._etags_lock:
-            pending, self._etags = list(self._etags.values()), {}
+        pending = getattr(self._local, "etags", None)
         if pending:
             conn.executemany(
                 "INSERT OR REPLACE INTO etags (path, size, mtime_ns, ino, etag)"
                 " VALUES (?, ?, ?, ?, ?)",
-                pending,
+                list(pending.values()),
             )
+            pending.clear()
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
 
     def flush(self) -> None:
-        """Write the deferred cache entries now (before a long idle or exit)."""
-        if self._etags:
+        """Write this thread's deferred cache entries now (before a long idle or exit)."""
+        if getattr(self._local, "etags", None):
             with self.transaction():
                 pass  # the transaction writes what is pending
 

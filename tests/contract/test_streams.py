@@ -195,15 +195,7 @@ def test_read_events_is_read_turned_into_events(
     stream.append(good[:1])  # valid, but not normalised
     last = stream.last_seq()
     for start, size in itertools.product(range(1, last + 1), (1, 2, last)):
-        got = stream.read_events(start, size)
-        want = EventChunk.of(stream.read(start, size))
-        assert got is not None and want is not None
-        assert (got.first_seq, got.last_seq, got.count) == (
-            want.first_seq,
-            want.last_seq,
-            want.count,
-        )
-        assert got.batch.equals(want.batch) and got.rejected == want.rejected
+        assert_same_chunk(stream.read_events(start, size), EventChunk.of(stream.read(start, size)))
 
 
 def test_read_events_of_plain_events_is_vectorised() -> None:
@@ -362,14 +354,7 @@ def test_appended_events_read_as_if_appended_as_json(
     for start, size in itertools.product(range(1, last + 1), (1, 2, 3, last)):
         got, want = mixed.read(start, size), plain.read(start, size)
         assert [(r.seq, r.data) for r in got] == [(r.seq, r.data) for r in want]
-        chunk, exact = mixed.read_events(start, size), EventChunk.of(want)
-        assert chunk is not None and exact is not None
-        assert (chunk.first_seq, chunk.last_seq, chunk.count) == (
-            exact.first_seq,
-            exact.last_seq,
-            exact.count,
-        )
-        assert chunk.batch.equals(exact.batch) and chunk.rejected == exact.rejected
+        assert_same_chunk(mixed.read_events(start, size), EventChunk.of(want))
 
 
 def test_trim_cuts_segments_to_the_record(make: Callable[..., Stream]) -> None:
@@ -393,3 +378,10 @@ def test_trim_cuts_segments_to_the_record(make: Callable[..., Stream]) -> None:
     assert s.read(1, 1)[0].data["event_uuid"] == "u9"
     assert s.trim(12) == 3 and s.length() == 0 and s.read_events(1) is None
     assert s.last_seq() == 12
+
+
+def assert_same_chunk(got: EventChunk | None, want: EventChunk | None) -> None:
+    """The vectorised read gives what the exact, record-by-record one gives."""
+    assert got is not None and want is not None
+    assert (got.first_seq, got.last_seq, got.count) == (want.first_seq, want.last_seq, want.count)
+    assert got.batch.equals(want.batch) and got.rejected == want.rejected
