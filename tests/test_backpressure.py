@@ -132,7 +132,7 @@ def test_burst_of_stream_events(write_pipeline: Callable[..., Path], tmp_path: P
             ],
         )
     rt = Runtime(path, workers=1, watch=False)
-    sampler = Sampler(rt, every=0.05)  # 100,000 events drain in about a second
+    sampler = Sampler(rt, every=0.01)  # 100,000 events drain in 0.2-1 s, 20,000 a flush
     sampler.start()
     try:
         rt.drain(timeout=840)
