@@ -1,12 +1,14 @@
-"""What several figures share: the pipeline under test and the raw per-file conversion."""
+"""What several figures share: the pipeline under test, the drop, the raw per-file conversion."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,69 @@ def make_pipeline(root: Path, durability: str = "full") -> Path:
         text = f"durability: {durability}\n{text}"
     path.write_text(text)
     return path
+
+
+def stage(files: Sequence[str | os.PathLike[str]], where: Path) -> list[Path]:
+    """The inputs laid ready on the bucket's file system, on disk: the producer's upload.
+
+    A hard link of the cached data file where it can be (the same inode, no
+    copy), else a copy that keeps the old mtime, as an upload finished long
+    ago would have. Outside the clock: the raw contenders are not charged for
+    getting their input onto the disk either.
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for f in files:
+        target = where / Path(f).name
+        try:
+            os.link(f, target)
+        except OSError:  # another file system
+            shutil.copy2(f, target)
+        staged.append(target)
+    os.sync()
+    return staged
+
+
+QUIET = 0.5  # seconds to let the disk and the watcher settle before a timed run
+
+
+def quiet() -> None:
+    """Before a timed run: dirty pages written back, and a moment of calm."""
+    os.sync()
+    time.sleep(QUIET)
+
+
+def drop(pipeline: Pipeline, staged: Sequence[Path], prefix: str) -> float:
+    """Hard-link the staged files into bronze under ``prefix/``; the time the drop began.
+
+    This is how a careful producer lands files: written aside, then linked
+    (or renamed) in, so each appears complete at once. The prefix directory
+    is made first, outside the clock, so the watcher has registered it when
+    the files arrive (it would find them anyway: a new directory is walked).
+    """
+    where = pipeline.bucket("bronze").local_path(f"{prefix}/{staged[0].name}")
+    if where is None:
+        raise RuntimeError("the drop needs a local bronze bucket")
+    folder = Path(where).parent
+    folder.mkdir(parents=True)
+    quiet()
+    started = time.time()
+    for f in staged:
+        os.link(f, folder / f.name)
+    return started
+
+
+def raised(pipeline: Pipeline, key_prefix: str) -> tuple[float, float] | None:
+    """When the first and the last event for the objects under ``key_prefix`` in bronze were raised.
+
+    From the embedded ledger's record of object versions (``seen_at``);
+    None where there is none.
+    """
+    row = pipeline.db.conn.execute(
+        "SELECT MIN(seen_at), MAX(seen_at) FROM objects WHERE bucket = 'bronze' AND key LIKE ?",
+        (f"{key_prefix}%",),
+    ).fetchone()
+    return None if row is None or row[0] is None else (row[0], row[1])
 
 
 def raw_convert(src: str, dst: str) -> int:

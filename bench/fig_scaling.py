@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import data, fig_large, fig_small
-from .harness import ChildFailed, Section, Stats, fresh_dir, mb, run_child
+from .harness import ChildFailed, Section, fresh_dir, mb, run_child
 
 if TYPE_CHECKING:
     from .__main__ import Context
@@ -34,14 +34,16 @@ def run(ctx: Context) -> Section:
     reused = "".join(f" N = {n} is figure 2's, on {ctx.small_count:,} files." for n in throughput)
     for n in WORKERS:
         if n not in throughput:
-            throughput[n] = fig_small.measure(files, n, ctx.runs)
+            throughput[n] = fig_small.measure(files, n, ctx.runs, through_put=False)
     one = throughput[1].sluiceway.median
     section.add(
         f"### Throughput with worker processes ({ctx.runs} runs)",
         "",
         f"As figure 2, with N workers for Sluiceway and N processes for the raw pool, on "
-        f"{len(files):,} small files per run.{reused} The machine has {ctx.cores} cores, so 4 "
-        "workers oversubscribe it.",
+        f"{len(files):,} small files per run.{reused} Sluiceway's clock starts at the drop "
+        "(the staged files hard-linked into the bucket) and stops at the last commit; the raw "
+        "pool reads the same files already on disk. The machine has "
+        f"{ctx.cores} cores, so 4 workers oversubscribe it.",
         "",
     )
     section.table(
@@ -83,7 +85,8 @@ def run(ctx: Context) -> Section:
     section.add(
         f"### Cost growth with file size ({ctx.runs} runs per point)",
         "",
-        f"As figure 1: Sluiceway put → committed against **{raw_name}** (figure 1's fastest raw "
+        f"As figure 1: Sluiceway from the drop into the bucket to the commit against "
+        f"**{raw_name}** (figure 1's fastest raw "
         "tool), each run in a fresh process; the other raw tools are left out here to keep the "
         "run short (the largest file alone takes minutes per contender).",
         "",
@@ -232,7 +235,7 @@ def broker_throughput(
     if type(check.broker).__name__ == "SqliteBroker":
         raise RuntimeError(f"the profile did not take: broker is {check.broker!r}")
     try:
-        return fig_small.throughput(files, workers, runs, work)
+        return fig_small.throughput(files, workers, runs, work, through_put=False)
     finally:
         b: Any = check.broker
         if broker == "Redis Streams":
@@ -243,6 +246,18 @@ def broker_throughput(
             b.destroy()
         b.close()
         check.close()
+
+
+def _first_events(got: dict[str, dict[int, fig_small.Throughput]]) -> str:
+    """How long after the drop the first event came, over all broker runs: a fixed delay."""
+    firsts = [x for by_n in got.values() for t in by_n.values() if t.first for x in t.first.values]
+    if not firsts:
+        return ""
+    return (
+        f" The first event of a run came {min(firsts):.2f}–{max(firsts):.2f} s after the drop "
+        "(the watcher's notice, its wait for the file to settle, the first publish): with "
+        "this few files per run that delay weighs on the rates."
+    )
 
 
 def broker_profiles(
@@ -283,9 +298,7 @@ def broker_profiles(
                     continue
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-                got.setdefault(broker, {})[n] = fig_small.Throughput(
-                    Stats.of(raw["sluiceway"]), Stats.of(raw["pool"]), Stats.of(raw["put"])
-                )
+                got.setdefault(broker, {})[n] = fig_small.Throughput.of(raw)
     section.add(
         "As above, with the pipeline's queues on each network broker (a profile with only "
         "`broker:` set; ledger and state embedded), on the first "
@@ -294,10 +307,11 @@ def broker_profiles(
         "what the client side costs, not what AWS does). Each run has its own raw pool, "
         'measured in turn. "4 vs 1" is the speed-up from 1 to 4 workers on that broker; '
         '"× embedded" compares with the embedded row for the same N above (another run, '
-        "more files). On 2 cores, 4 workers share the cores with the broker and the driver. "
-        '"driver put" is how fast the one driver process got the files in (copy, MD5, '
-        "event, publish to the broker): the end-to-end rate cannot exceed it, so where the "
-        "two are close the driver, not the workers, sets the pace.",
+        "more files). On 2 cores, 4 workers share the cores with the broker and the watcher. "
+        'As above the files are dropped into the bucket; "events raised" is how fast the '
+        "service's one watcher raised their events from the drop (settle, MD5, event, publish "
+        "to the broker): the end-to-end rate cannot exceed it, so where the two are close the "
+        "watcher, not the workers, sets the pace." + _first_events(got),
         "",
     )
     rows = []
@@ -311,7 +325,7 @@ def broker_profiles(
                     str(n),
                     t.sluiceway.fmt(0),
                     t.sluiceway.range(0),
-                    t.put.fmt(0),
+                    t.raised.fmt(0) if t.raised else "—",
                     t.pool.fmt(0),
                     f"{t.sluiceway.median / t.pool.median:.2f}×",
                     f"{t.sluiceway.median / one.sluiceway.median:.2f}×" if one else "—",
@@ -324,7 +338,7 @@ def broker_profiles(
             "workers",
             "Sluiceway files/s",
             "range",
-            "driver put files/s",
+            "events raised files/s",
             "raw pool files/s",
             "× raw pool",
             "4 vs 1",
