@@ -37,6 +37,8 @@ STATE_FILE = "state.db"
 #: enough that the commit is a small part of each file's cost, few enough that
 #: the write lock is never held long enough to stall the workers.
 RAISE_BATCH = 256
+#: The first batch of a call: small, so the first events go out at once.
+FIRST_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -293,22 +295,25 @@ class Pipeline:
         """Raise the events for object versions, exactly once each; returns those raised.
 
         The watcher, ``put``, the reconcile and the pollers all come here, so
-        each can offer the same file safely. Offers are taken ``RAISE_BATCH``
-        at a time (``offers`` may be a lazy listing that hashes as it goes):
-        each batch is prepared before the write lock is taken, then recorded
+        each can offer the same file safely. Offers are taken in batches of
+        up to ``RAISE_BATCH`` (``offers`` may be a lazy listing that hashes as
+        it goes): each batch is prepared before the write lock is taken, then recorded
         and queued in one transaction on the embedded default -- one write
         lock and one commit per few hundred files instead of per file, and a
-        crash leaves all of a batch or none.
+        crash leaves all of a batch or none. The first batch is small and
+        each next one twice the size, so the first files of a burst reach the
+        workers before the rest are hashed.
         """
         raised: list[Event] = []
         batch: list[PreparedEvent] = []
+        size = FIRST_BATCH
         for bucket, info in offers:
             prepared = self.prepare_event(bucket, info)
             if prepared is not None:
                 batch.append(prepared)
-            if len(batch) >= RAISE_BATCH:
+            if len(batch) >= size:
                 raised += self.raise_events(batch)
-                batch = []
+                batch, size = [], min(size * 2, RAISE_BATCH)
         if batch:
             raised += self.raise_events(batch)
         return raised
