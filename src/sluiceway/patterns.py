@@ -240,7 +240,11 @@ def _collect(
             dot = rest.find(".", dot + 1)
             key = rest if dot < 0 else rest[:dot]
             if key in node:
-                _collect(node[key], None if dot < 0 else rest[dot + 1 :], (at, key), where, out)
+                child = node[key]
+                if dot < 0 and (child is None or isinstance(child, str | int | float)):
+                    out.append((child, where))  # a leaf ends the path: the usual case, inline
+                else:
+                    _collect(child, None if dot < 0 else rest[dot + 1 :], (at, key), where, out)
             if dot < 0:
                 return
     elif rest is None:

@@ -61,8 +61,8 @@ class BucketWatcher:
 
     @property
     def busy(self) -> bool:
-        """True while a file is seen but not yet settled (drain waits for it)."""
-        return bool(self._pending)
+        """True while a file is seen but its event not yet raised (drain waits for it)."""
+        return bool(self._pending or self._settled)
 
     def _bucket_for(self, path: str) -> LocalBucket | None:
         for b in self.buckets:
@@ -109,8 +109,11 @@ class BucketWatcher:
                 self._settled[path] = (bucket, key, st)
         if not self._settled:
             return
-        settled, self._settled = list(self._settled.values()), {}
-        for event in self.pipeline.objects_created(self._heads(settled)):
+        try:
+            raised = self.pipeline.objects_created(self._heads(list(self._settled.values())))
+        finally:
+            self._settled.clear()  # after the raise, so ``busy`` covers it
+        for event in raised:
             log.info("new object %s/%s", event.bucket, event.key)
             if self.on_event is not None:
                 self.on_event(event)
