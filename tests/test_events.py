@@ -46,3 +46,19 @@ def test_not_an_envelope_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="missing"):
         Event.from_json('{"hello": 1}')
+
+
+def test_event_ids_are_version_4_uuids_and_times_utc_microseconds() -> None:
+    import re
+    import uuid
+    from datetime import UTC, datetime
+
+    ids = {Event(source="s", detail_type="t", detail={}).id for _ in range(500)}
+    assert len(ids) == 500
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    e = object_created("b", "k", size=1, etag="e", sequencer="0")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", e.time)
+    assert abs(e.timestamp - datetime.now(UTC).timestamp()) < 60
+    assert re.fullmatch(r"[0-9A-F]{16}", e.detail["request-id"])

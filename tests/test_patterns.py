@@ -536,3 +536,80 @@ def test_matching_does_not_mutate_pattern_or_event() -> None:
     before = (json.dumps(source), json.dumps(event))
     assert compile_pattern(source).matches(event)
     assert (json.dumps(source), json.dumps(event)) == before
+
+
+# ---------------------------------------------------------------------------
+# Deciding from the pattern alone whether a bucket's events may match
+# ---------------------------------------------------------------------------
+
+BUCKET_NAMES = st.sampled_from(["bronze", "BRONZE", "staging", "bronze-2", "b.r", ""])
+NAME_MATCHERS = st.one_of(
+    BUCKET_NAMES,
+    st.builds(lambda v: {"prefix": v}, BUCKET_NAMES),
+    st.builds(lambda v: {"suffix": v}, BUCKET_NAMES.filter(bool)),
+    st.builds(lambda v: {"equals-ignore-case": v}, BUCKET_NAMES.filter(bool)),
+    st.builds(lambda v: {"wildcard": v}, st.sampled_from(["bro*", "*ing", "*", "b*e"])),
+    st.builds(lambda v: {"anything-but": v}, BUCKET_NAMES | st.lists(BUCKET_NAMES, min_size=1)),
+    st.builds(lambda v: {"anything-but": {"prefix": v}}, BUCKET_NAMES.filter(bool)),
+    st.builds(lambda v: {"exists": v}, st.booleans()),
+)
+
+
+def _name_part(matchers: list[object], dotted: bool) -> dict[str, object]:
+    """The same constraint on the bucket name, spelled nested or with a dotted key."""
+    if dotted:
+        return {"detail.bucket.name": matchers}
+    return {"detail": {"bucket": {"name": matchers}}}
+
+
+BUCKET_PATTERNS = st.recursive(
+    st.builds(_name_part, st.lists(NAME_MATCHERS, min_size=1, max_size=3), st.booleans())
+    | st.just({"detail": {"object": {"key": [{"suffix": ".csv"}]}}})
+    | st.just({"resources": ["bucket:staging"]})
+    | st.just({"source": ["sluiceway.bucket"]}),
+    lambda inner: (
+        st.builds(lambda a, b: {"$or": [a, b]}, inner, inner)
+        | st.builds(lambda a, b: {**a, **b}, inner, inner)
+    ),
+    max_leaves=4,
+)
+
+
+@PROPERTY
+@given(BUCKET_PATTERNS, BUCKET_NAMES, st.sampled_from(["a.csv", "x/y.json"]))
+def test_may_match_with_never_says_no_to_an_event_that_matches(
+    pattern: dict[str, object], bucket: str, key: str
+) -> None:
+    from sluiceway.events import object_created
+
+    event = object_created(bucket, key, size=1, etag="e", sequencer="0").to_dict()
+    compiled = compile_pattern(pattern)
+    if compiled.matches(event):
+        assert compiled.may_match_with("detail.bucket.name", bucket)
+
+
+def test_may_match_with_rules_out_only_buckets_the_name_field_excludes() -> None:
+    rule = compile_pattern(
+        {"detail-type": ["Object Created"], "detail": {"bucket": {"name": ["bronze"]}}}
+    )
+    assert rule.may_match_with("detail.bucket.name", "bronze")
+    assert not rule.may_match_with("detail.bucket.name", "staging")
+    either = compile_pattern(
+        {"$or": [{"detail.bucket.name": [{"prefix": "raw-"}]}, {"detail": {"size": [1]}}]}
+    )
+    assert either.may_match_with("detail.bucket.name", "staging")  # the other branch may
+    both = compile_pattern(
+        {"$or": [{"detail.bucket.name": [{"prefix": "raw-"}]}, {"detail.bucket.name": ["x"]}]}
+    )
+    assert not both.may_match_with("detail.bucket.name", "staging")
+    not_staging = compile_pattern({"detail": {"bucket": {"name": [{"anything-but": "staging"}]}}})
+    assert not not_staging.may_match_with("detail.bucket.name", "staging")
+    assert not_staging.may_match_with("detail.bucket.name", "bronze")
+    # A name that must be absent: never so in a bucket event.
+    assert not compile_pattern({"detail.bucket.name": [{"exists": False}]}).may_match_with(
+        "detail.bucket.name", "bronze"
+    )
+    # Unconstrained names, or constrained only elsewhere: may match.
+    assert compile_pattern({"resources": ["bucket:bronze"]}).may_match_with(
+        "detail.bucket.name", "staging"
+    )

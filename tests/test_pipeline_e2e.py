@@ -293,3 +293,37 @@ def test_drain_with_inline_and_process_workers(
     assert summary.done == 6 and summary.rows_in == 180 and summary.rows_out == 180
     assert len(summary.outputs) == 6
     assert p.pending() == 0
+
+
+def test_objects_created_raises_each_version_once_across_batches(pipeline: Pipeline) -> None:
+    """More offers than one batch, each offered twice (the watcher and the
+    reconcile racing): one event and one message per version."""
+    from sluiceway.pipeline import RAISE_BATCH
+
+    bronze = pipeline.bucket("bronze")
+    count = RAISE_BATCH * 2 + 7
+    infos = [bronze.put_bytes(f"many/{i}.csv", b"id\n%d\n" % i) for i in range(count)]
+    offers = [("bronze", info) for info in infos]
+    raised = pipeline.objects_created(offers + offers[::-1])
+    assert sorted(e.key for e in raised) == sorted(info.key for info in infos)
+    assert pipeline.objects_created(offers) == []
+    assert pipeline.reconcile() == []
+    assert pipeline.pending() == count
+
+
+def test_a_batch_that_fails_records_none_of_its_versions(pipeline: Pipeline) -> None:
+    """The batch's versions and messages share one transaction: an error while
+    queueing (here: a target with no queue) leaves none of them recorded."""
+    from dataclasses import replace
+
+    bronze = pipeline.bucket("bronze")
+    infos = [bronze.put_bytes(f"fail/{i}.csv", b"id\n%d\n" % i) for i in range(3)]
+    prepared = [pipeline.prepare_event("bronze", info) for info in infos]
+    assert all(p is not None for p in prepared)
+    _, msg = prepared[2].plan[0]  # type: ignore[union-attr]
+    broken = replace(prepared[2], plan=[("no-such-queue", msg)])  # type: ignore[type-var]
+    with pytest.raises(KeyError):
+        pipeline.raise_events([*prepared[:2], broken])  # type: ignore[list-item]
+    assert [pipeline.ledger.has_seen("bronze", i.key, i.etag) for i in infos] == [False] * 3
+    assert pipeline.pending() == 0
+    assert len(pipeline.reconcile()) == 3

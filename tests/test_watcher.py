@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -74,3 +75,74 @@ def test_key_of_names_objects_only(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert bucket.key_of(root / "in" / "out.csv") is None  # points outside the bucket
     assert bucket.key_of(root / "in" / "alias.csv") == "in/sub/a.csv"
     assert bucket.key_of(root / "linked" / "a.csv") == "in/sub/a.csv"
+
+
+def _start(watcher: BucketWatcher) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    assert watcher.ready.wait(10)
+    return stop, thread
+
+
+def _drop_old(source: Path, target: Path, content: bytes) -> None:
+    """Write aside, date it two hours back (as ``cp -p`` or tar would), rename it in."""
+    source.write_bytes(content)
+    old = time.time() - 7200
+    os.utime(source, (old, old))
+    os.replace(source, target)
+
+
+def test_file_written_before_it_was_renamed_in_is_offered_without_waiting(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Its own mtime, older than the settle time, says it is complete: the hour
+    is not waited."""
+    seen: list[Event] = []
+    watcher = BucketWatcher(pipeline, settle=3600, on_event=seen.append)
+    stop, thread = _start(watcher)
+    try:
+        bronze = pipeline.buckets["bronze"].root  # type: ignore[attr-defined]
+        (bronze / "in").mkdir()
+        for i in range(3):
+            _drop_old(tmp_path / f"{i}.csv", bronze / "in" / f"{i}.csv", b"id\n%d\n" % i)
+        wait_until(lambda: len(seen) == 3, 30, "the renamed-in files' events")
+        assert sorted(e.key for e in seen) == ["in/0.csv", "in/1.csv", "in/2.csv"]
+        assert not watcher.busy
+    finally:
+        stop.set()
+        thread.join(10)
+    assert pipeline.pending() == 3
+
+
+def test_file_still_being_appended_is_not_offered_early(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A file being written has a fresh mtime, so it waits the settle time, even
+    after an old file dropped later is offered at once."""
+    seen: list[Event] = []
+    watcher = BucketWatcher(pipeline, settle=3600, on_event=seen.append)
+    stop, thread = _start(watcher)
+    try:
+        bronze = pipeline.buckets["bronze"].root  # type: ignore[attr-defined]
+        with open(bronze / "growing.csv", "wb") as f:
+            for i in range(5):
+                f.write(b"%d,row\n" % i)
+                f.flush()
+            # Dropped after the appends, so the watcher has seen them all once
+            # this marker is offered.
+            _drop_old(tmp_path / "marker.csv", bronze / "marker.csv", b"id\n1\n")
+            wait_until(lambda: len(seen) == 1, 30, "the marker's event")
+            f.write(b"5,row\n")
+            f.flush()
+        _drop_old(tmp_path / "marker2.csv", bronze / "marker2.csv", b"id\n2\n")
+        wait_until(lambda: len(seen) == 2, 30, "the second marker's event")
+        assert [e.key for e in seen] == ["marker.csv", "marker2.csv"]
+        assert watcher.busy  # growing.csv waits for its settle time
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_buckets_no_rule_routes_from_are_not_watched(pipeline: Pipeline) -> None:
+    """The only rule names bronze: files in staging could reach no queue."""
+    watcher = BucketWatcher(pipeline)
+    assert [b.name for b in watcher.buckets] == ["bronze"]

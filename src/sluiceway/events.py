@@ -10,7 +10,7 @@ same), so patterns copied from AWS rules work unchanged.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +20,22 @@ BUCKET_SOURCE = "sluiceway.bucket"
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``%Y-%m-%dT%H:%M:%S.%fZ``; isoformat writes it in half strftime's time."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def _new_id() -> str:
+    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` spells it.
+
+    Built from the hex of 16 random bytes: a third of the cost of a UUID
+    object, paid once per event on the path that raises one per file.
+    """
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# The RFC 4122 variant sets the top two bits of the 17th hex digit to 10.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 @dataclass(frozen=True)
@@ -30,7 +45,7 @@ class Event:
     source: str
     detail_type: str
     detail: dict[str, Any]
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=_new_id)
     time: str = field(default_factory=_now_iso)
     account: str = "000000000000"
     region: str = "local"
@@ -128,7 +143,7 @@ def object_created(
             "version": "0",
             "bucket": {"name": bucket},
             "object": {"key": key, "size": size, "etag": etag, "sequencer": sequencer},
-            "request-id": uuid.uuid4().hex[:16].upper(),
+            "request-id": os.urandom(8).hex().upper(),
             "requester": "sluiceway",
             "reason": reason,
         },

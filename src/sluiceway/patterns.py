@@ -81,6 +81,17 @@ class Pattern:
             return False
         return not seen.in_arrays or next(root.solve(seen, {}), None) is not None
 
+    def may_match_with(self, path: str, value: str | float | bool | None) -> bool:
+        """False only if no event whose one value at ``path`` is ``value`` can match.
+
+        For events whose shape is known in part, e.g. the watcher's "Object
+        Created" events, whose ``detail.bucket.name`` is a single string
+        outside any array: a field at ``path`` is decided by testing the
+        value; every other field counts as "may match", so the answer is never
+        a wrong "no". ``$or`` needs only one alternative that may match.
+        """
+        return self._root.may_match_with(path, value)
+
     def __repr__(self) -> str:
         return f"Pattern({self.source!r})"
 
@@ -103,6 +114,10 @@ class _Field:
     def possible(self, event: _Event) -> bool:
         return bool(event.accepted(self)) or (self.absent_ok and not event.values(self.path))
 
+    def may_match_with(self, path: str, value: object) -> bool:
+        # The value is there, so {"exists": false} alone cannot accept it.
+        return path != self.path or self.accepts(value)
+
     def solve(self, event: _Event, bound: Bound) -> Iterator[Bound]:
         if self.absent_ok and not event.values(self.path):
             yield bound
@@ -121,6 +136,9 @@ class _All:
     def possible(self, event: _Event) -> bool:
         return all(part.possible(event) for part in self.parts)
 
+    def may_match_with(self, path: str, value: object) -> bool:
+        return all(part.may_match_with(path, value) for part in self.parts)
+
     def solve(self, event: _Event, bound: Bound, start: int = 0) -> Iterator[Bound]:
         if start == len(self.parts):
             yield bound
@@ -137,6 +155,9 @@ class _Any:
 
     def possible(self, event: _Event) -> bool:
         return any(part.possible(event) for part in self.parts)
+
+    def may_match_with(self, path: str, value: object) -> bool:
+        return any(part.may_match_with(path, value) for part in self.parts)
 
     def solve(self, event: _Event, bound: Bound) -> Iterator[Bound]:
         for part in self.parts:
@@ -219,7 +240,11 @@ def _collect(
             dot = rest.find(".", dot + 1)
             key = rest if dot < 0 else rest[:dot]
             if key in node:
-                _collect(node[key], None if dot < 0 else rest[dot + 1 :], (at, key), where, out)
+                child = node[key]
+                if dot < 0 and (child is None or isinstance(child, str | int | float)):
+                    out.append((child, where))  # a leaf ends the path: the usual case, inline
+                else:
+                    _collect(child, None if dot < 0 else rest[dot + 1 :], (at, key), where, out)
             if dot < 0:
                 return
     elif rest is None:

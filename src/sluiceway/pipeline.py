@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +33,12 @@ from .tables.base import Table
 from .tables.sqlite import SqliteTable
 
 STATE_FILE = "state.db"
+#: Object versions recorded and queued per transaction by ``objects_created``:
+#: enough that the commit is a small part of each file's cost, few enough that
+#: the write lock is never held long enough to stall the workers.
+RAISE_BATCH = 256
+#: The first batch of a call: small, so the first events go out at once.
+FIRST_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -281,20 +287,42 @@ class Pipeline:
     # -- events in -----------------------------------------------------------
 
     def object_created(self, bucket: str, info: ObjectInfo) -> Event | None:
-        """Raise the event for one object version, exactly once.
+        """Raise the event for one object version, exactly once (a batch of one)."""
+        raised = self.objects_created([(bucket, info)])
+        return raised[0] if raised else None
 
-        Recording the version and queueing its messages happen in one
-        transaction: a crash leaves either both or neither, and the watcher,
-        ``put`` and the reconcile can all offer the same file safely.
+    def objects_created(self, offers: Iterable[tuple[str, ObjectInfo]]) -> list[Event]:
+        """Raise the events for object versions, exactly once each; returns those raised.
+
+        The watcher, ``put``, the reconcile and the pollers all come here, so
+        each can offer the same file safely. Offers are taken in batches of
+        up to ``RAISE_BATCH`` (``offers`` may be a lazy listing that hashes as
+        it goes): each batch is prepared before the write lock is taken, then recorded
+        and queued in one transaction on the embedded default -- one write
+        lock and one commit per few hundred files instead of per file, and a
+        crash leaves all of a batch or none. The first batch is small and
+        each next one twice the size, so the first files of a burst reach the
+        workers before the rest are hashed.
         """
-        offer = self.prepare_event(bucket, info)
-        return None if offer is None else self.raise_event(offer)
+        raised: list[Event] = []
+        batch: list[PreparedEvent] = []
+        size = FIRST_BATCH
+        for bucket, info in offers:
+            prepared = self.prepare_event(bucket, info)
+            if prepared is not None:
+                batch.append(prepared)
+            if len(batch) >= size:
+                raised += self.raise_events(batch)
+                batch, size = [], min(size * 2, RAISE_BATCH)
+        if batch:
+            raised += self.raise_events(batch)
+        return raised
 
     def prepare_event(self, bucket: str, info: ObjectInfo) -> PreparedEvent | None:
         """The event and messages for an object version; None if it raised one before.
 
         No write happens here: the matching and encoding are done before the
-        write lock is taken (``raise_event`` holds it only for the inserts).
+        write lock is taken (``raise_events`` holds it only for the inserts).
         """
         # Most offers are repeats (the watcher seeing what put or a worker just
         # raised): a read answers those without taking a write lock.
@@ -309,21 +337,29 @@ class Pipeline:
         )
         return PreparedEvent(bucket, info, event, self.router.plan(event))
 
-    def raise_event(self, offer: PreparedEvent) -> Event | None:
-        """Record the version and queue its messages, unless someone raised it meanwhile."""
-        bucket, info, event = offer.bucket, offer.info, offer.event
+    def raise_events(self, offers: Sequence[PreparedEvent]) -> list[Event]:
+        """Record the versions and queue their messages, but those someone raised meanwhile.
+
+        ``ledger.first_seen`` decides per object version, inside the same
+        transaction as the messages on the embedded default.
+        """
+        ledger = self.ledger
         if self.embedded:
             with self.db.transaction():
-                if not self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id):
-                    return None
-                self.router.send(offer.plan)
-            return event
-        # Route first, record after: a crash in between raises the event again
-        # on the next offer (a duplicate the processing ledger absorbs), never
-        # loses it.
-        self.router.send(offer.plan)
-        self.ledger.first_seen(bucket, info.key, info.etag, info.size, event.id)
-        return event
+                fresh = [
+                    o
+                    for o in offers
+                    if ledger.first_seen(o.bucket, o.info.key, o.info.etag, o.info.size, o.event.id)
+                ]
+                self.router.send([m for o in fresh for m in o.plan])
+            return [o.event for o in fresh]
+        # Route first, record after, per event: a crash in between raises the
+        # event again on the next offer (a duplicate the processing ledger
+        # absorbs), never loses it.
+        for o in offers:
+            self.router.send(o.plan)
+            ledger.first_seen(o.bucket, o.info.key, o.info.etag, o.info.size, o.event.id)
+        return [o.event for o in offers]
 
     def put(self, source: str | os.PathLike[str], bucket: str, key: str) -> Event | None:
         """Copy a local file into a bucket and raise its "Object Created" event."""
@@ -336,10 +372,7 @@ class Pipeline:
         """Raise events for objects that arrived while nothing was running."""
         raised: list[Event] = []
         for name, bucket in self.buckets.items():
-            for info in bucket.list():
-                event = self.object_created(name, info)
-                if event is not None:
-                    raised.append(event)
+            raised += self.objects_created((name, info) for info in bucket.list())
         if "db" in self.__dict__:
             self.db.flush()  # the MD5s just computed, so the next start need not
         return raised

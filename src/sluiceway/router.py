@@ -51,6 +51,14 @@ class Router:
                         out.append((rule.name, target))
         return out
 
+    def may_route(self, bucket: str) -> bool:
+        """Whether some rule may match an "Object Created" event of ``bucket``.
+
+        Decided soundly from the patterns alone (``Pattern.may_match_with``):
+        False means no object in this bucket can ever reach a queue.
+        """
+        return any(r.pattern.may_match_with("detail.bucket.name", bucket) for r in self.rules)
+
     def route(self, event: Event) -> list[str]:
         """Deliver the event to every matching target; returns the targets.
 
@@ -74,10 +82,14 @@ class Router:
             for rule, target in targets
         ]
 
-    def send(self, plan: list[tuple[str, OutgoingMessage]]) -> list[str]:
+    def send(self, plan: Sequence[tuple[str, OutgoingMessage]]) -> list[str]:
+        """Send planned messages: one call per target (a batch of events shares them)."""
+        by_target: dict[str, list[OutgoingMessage]] = {}
         for target, msg in plan:
+            by_target.setdefault(target, []).append(msg)
+        for target, msgs in by_target.items():
             if target in self.topics:
-                self.broker.publish(target, [msg])
+                self.broker.publish(target, msgs)
             else:
-                self.broker.queue(target).send_batch([msg])
+                self.broker.queue(target).send_batch(msgs)
         return [target for target, _ in plan]

@@ -1,10 +1,19 @@
 """Raise events for files other programs drop into bucket directories.
 
-A file is offered only once it is fully written: its size and modification
-time must stay the same for ``settle`` seconds. Hidden files and names such
-as ``*.part`` are never objects (see ``buckets/local.py``), so a program
-that writes aside and renames is picked up at the rename. Offering a file
-twice is harmless: the ledger raises one event per object version.
+A file is offered only once it is fully written. A file whose modification
+time is already ``settle`` seconds old when it is seen was written before: it
+was renamed or hard-linked in, copied with ``cp -p`` or extracted from an
+archive (all of which set an old mtime only once the data is in), and it is
+offered at once. Any other file must keep the same size and modification time
+for ``settle`` seconds. Either way, its size and mtime when hashed must still
+be those it was seen with. Hidden files and names such as ``*.part`` are never
+objects (see ``buckets/local.py``), so a program that writes aside and renames
+is picked up at the rename. Offering a file twice is harmless: the ledger
+raises one event per object version.
+
+Only buckets some rule can route from are watched (``Router.may_route``):
+events from the others would reach no queue, and the start-up reconcile still
+records the files users drop there.
 """
 
 from __future__ import annotations
@@ -14,16 +23,19 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from watchfiles import Change, watch
 
-from .buckets.base import ObjectNotFound
+from .buckets.base import ObjectInfo, ObjectNotFound
 from .buckets.local import LocalBucket
 from .events import Event
 from .pipeline import Pipeline
 
 log = logging.getLogger("sluiceway.watcher")
+
+# A file seen: its bucket, key and stat when seen.
+_Seen = tuple[LocalBucket, str, os.stat_result]
 
 
 class BucketWatcher:
@@ -37,15 +49,20 @@ class BucketWatcher:
         self.pipeline = pipeline
         self.settle = settle
         self.on_event = on_event
-        self.buckets = [b for b in pipeline.buckets.values() if isinstance(b, LocalBucket)]
-        # path -> (bucket, key, size, mtime_ns, unchanged since)
-        self._pending: dict[str, tuple[LocalBucket, str, int, int, float]] = {}
+        self.buckets = [
+            b
+            for b in pipeline.buckets.values()
+            if isinstance(b, LocalBucket) and pipeline.router.may_route(b.name)
+        ]
+        # path -> (bucket, key, stat when last changed, unchanged since)
+        self._pending: dict[str, tuple[LocalBucket, str, os.stat_result, float]] = {}
+        self._settled: dict[str, _Seen] = {}  # to offer at the end of this pass
         self.ready = threading.Event()
 
     @property
     def busy(self) -> bool:
-        """True while a file is seen but not yet settled (drain waits for it)."""
-        return bool(self._pending)
+        """True while a file is seen but its event not yet raised (drain waits for it)."""
+        return bool(self._pending or self._settled)
 
     def _bucket_for(self, path: str) -> LocalBucket | None:
         for b in self.buckets:
@@ -71,30 +88,49 @@ class BucketWatcher:
                 for fn in files:
                     self._note(os.path.join(dirpath, fn))
         elif stat.S_ISREG(st.st_mode):
-            self._pending[path] = (bucket, key, st.st_size, st.st_mtime_ns, time.monotonic())
+            if time.time() - st.st_mtime >= self.settle:  # written before it came in
+                self._pending.pop(path, None)
+                self._settled[path] = (bucket, key, st)
+            else:
+                self._pending[path] = (bucket, key, st, time.monotonic())
 
     def _settle(self) -> None:
         now = time.monotonic()
-        for path, (bucket, key, size, mtime_ns, since) in list(self._pending.items()):
+        for path, (bucket, key, seen, since) in list(self._pending.items()):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
                 del self._pending[path]
                 continue
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                self._pending[path] = (bucket, key, st.st_size, st.st_mtime_ns, now)
-                continue
-            if now - since < self.settle:
-                continue
-            del self._pending[path]
+            if (st.st_size, st.st_mtime_ns) != (seen.st_size, seen.st_mtime_ns):
+                self._pending[path] = (bucket, key, st, now)
+            elif now - since >= self.settle:
+                del self._pending[path]
+                self._settled[path] = (bucket, key, st)
+        if not self._settled:
+            return
+        try:
+            raised = self.pipeline.objects_created(self._heads(list(self._settled.values())))
+        finally:
+            self._settled.clear()  # after the raise, so ``busy`` covers it
+        for event in raised:
+            log.info("new object %s/%s", event.bucket, event.key)
+            if self.on_event is not None:
+                self.on_event(event)
+
+    def _heads(self, settled: list[_Seen]) -> Iterator[tuple[str, ObjectInfo]]:
+        """The settled files' versions (hashed here), unless they changed since they were seen."""
+        for bucket, key, seen in settled:
             try:
-                event = self.pipeline.object_created(bucket.name, bucket.head(key))
+                info = bucket.head(key)
             except ObjectNotFound:
                 continue
-            if event is not None:
-                log.info("new object %s/%s", bucket.name, key)
-                if self.on_event is not None:
-                    self.on_event(event)
+            if (info.size, info.mtime) != (seen.st_size, seen.st_mtime):
+                # Written to again: it waits as a file being written does.
+                path = str(bucket.path_of(key))
+                self._pending[path] = (bucket, key, seen, time.monotonic())
+                continue
+            yield bucket.name, info
 
     def run(self, stop: threading.Event) -> None:
         roots = [str(b.root) for b in self.buckets]

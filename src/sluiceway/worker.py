@@ -530,8 +530,7 @@ class Worker:
 
     def _finish(self, events: list[PreparedEvent], queue: Queue, msg: Message) -> None:
         """Raise the outputs' events, ack, and clear the activity record."""
-        for prepared in events:
-            self.pipeline.raise_event(prepared)
+        self.pipeline.raise_events(events)
         queue.ack([msg])
         self.activity.finish(self.worker_id)
 
@@ -564,9 +563,11 @@ class Worker:
         if status == "busy":  # another worker commits; come back to see it done
             queue.change_visibility(msg, min(ttl, 5.0))
             return Outcome("busy", msg.id, function, {"key": commit_key})
-        for out in outputs if self.announce_outputs else ():
-            bucket = self.pipeline.bucket(out["bucket"])
-            self.pipeline.object_created(out["bucket"], bucket.head(out["key"]))
+        if self.announce_outputs:
+            self.pipeline.objects_created(
+                (out["bucket"], self.pipeline.bucket(out["bucket"]).head(out["key"]))
+                for out in outputs
+            )
         return None
 
     def _notify(
