@@ -123,12 +123,16 @@ class RowGroupWriter:
         self._sink = pa.BufferedOutputStream(pa.PythonFile(f, mode="w"), SINK_BUFFER_BYTES)
         #: The file's size once closed (what a bucket's head would say, without asking it).
         self.size: int | None = None
-        self._writer = pq.ParquetWriter(
-            self._sink,
-            self._schema,
-            compression=compression,
-            use_dictionary=dictionary_columns(first),
-        )
+        try:
+            self._writer = pq.ParquetWriter(
+                self._sink,
+                self._schema,
+                compression=compression,
+                use_dictionary=dictionary_columns(first),
+            )
+        except BaseException:
+            self._release_sink()
+            raise
         # Started by the first full row group: a file of one group is encoded
         # in finish(), with nothing left to overlap, and starting a thread
         # would cost a small file more than its encoding does.
@@ -175,12 +179,21 @@ class RowGroupWriter:
                 self._writer.close()
                 self.size = self._sink.tell()
             finally:
-                # The buffered rest to ``f``; close() would close ``f`` too,
-                # which is its owner's business (a BytesIO, a bucket's writer).
-                self._sink.detach()
+                self._release_sink()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+
+    def _release_sink(self) -> None:
+        """Hand the buffered rest to ``f``, which stays open: its owner's business."""
+        try:
+            self._sink.detach()
+        except BaseException:
+            # ``f`` refused it (a full disk): drop it now, or the stream's
+            # destructor would try again, on a file closed by then.
+            with contextlib.suppress(Exception):
+                self._sink.close()
+            raise
 
     def _submit(self, table: pa.Table) -> None:
         self._wait()
