@@ -117,7 +117,7 @@ class RowGroupWriter:
         self._schema = first.schema
         self._rows_per_group = row_group_size
         # PyArrow writes a file in many small pieces (each page, its header,
-        # the footer's parts): a small file took some thirty calls into Python,
+        # the footer's parts): a small file took about twenty calls into Python,
         # each taking the GIL (from the encoder thread too) and going through
         # the bucket's hashing writer. Gathered natively, it takes one.
         self._sink = pa.BufferedOutputStream(pa.PythonFile(f, mode="w"), SINK_BUFFER_BYTES)
