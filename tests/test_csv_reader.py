@@ -7,6 +7,7 @@ raw pyarrow error must never reach them.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime
 import decimal
@@ -305,6 +306,24 @@ def test_multi_batch_concatenation_equals_input() -> None:
     assert all(b.num_rows > 0 for b in parts)
     expected = list(csv.DictReader(io.StringIO(data.decode(), newline="")))
     assert pa.Table.from_batches(parts).to_pylist() == expected
+
+
+@pytest.mark.parametrize("bom", [b"", codecs.BOM_UTF8])
+@pytest.mark.parametrize("all_strings", [False, True])
+def test_files_around_one_block_are_read_to_the_end(bom: bytes, all_strings: bool) -> None:
+    """A file within its first block is parsed from the bytes the fast pass checked;
+    one a byte longer (with or without a BOM) must still be read to its last row."""
+    header = b"n,text\n"
+    for size in range(SMALL_BLOCK - 3, SMALL_BLOCK + 6):
+        rest = size - len(header)
+        full = (rest - 7) // 16
+        last = rest - 16 * full  # 7..22 bytes
+        body = b"".join(b"%04d,abcdefghij\n" % i for i in range(full))
+        data = bom + header + body + b"%04d," % full + b"y" * (last - 6) + b"\n"
+        assert len(data) == size + len(bom)
+        got = rows(data, block_size=SMALL_BLOCK, all_strings=all_strings)
+        assert len(got) == full + 1, size
+        assert got[-1] == {"n": f"{full:04d}" if all_strings else full, "text": "y" * (last - 6)}
 
 
 def test_reading_can_stop_early() -> None:

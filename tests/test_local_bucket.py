@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluiceway.buckets import local
-from sluiceway.buckets.local import LocalBucket, _HashingWriter
+from sluiceway.buckets.base import ObjectExists
+from sluiceway.buckets.local import TMP_DIR, LocalBucket, _HashingWriter
 
 WRITES = st.lists(
     st.tuples(
@@ -95,3 +96,28 @@ def test_abandoned_large_write_publishes_nothing_and_stops_the_thread(tmp_path: 
     assert not (tmp_path / "b" / "big.bin").exists()
     assert not list(bucket.list())
     assert not _hashing_threads()
+
+
+def test_no_write_leaves_anything_aside(tmp_path: Path) -> None:
+    """Published by a rename, by a link (if_absent), refused or abandoned: the
+    aside-file is gone every time (a rename needs no unlink after it, a link does)."""
+    bucket = LocalBucket("b", tmp_path / "b")
+    with bucket.open_write("a/plain.bin") as f:
+        f.write(b"one")
+    with bucket.open_write("a/plain.bin") as f:  # over an existing object
+        f.write(b"two")
+    with bucket.open_write("a/new.bin", if_absent=True) as f:
+        f.write(b"three")
+    with pytest.raises(ObjectExists), bucket.open_write("a/new.bin", if_absent=True) as f:
+        f.write(b"four")
+    with pytest.raises(RuntimeError, match="boom"), bucket.open_write("a/gone.bin") as f:
+        f.write(b"five")
+        raise RuntimeError("boom")
+    assert list((tmp_path / "b" / TMP_DIR).iterdir()) == []
+    assert {o.key: (tmp_path / "b" / o.key).read_bytes() for o in bucket.list()} == {
+        "a/new.bin": b"three",
+        "a/plain.bin": b"two",
+    }
+    bucket.delete("a/plain.bin")
+    bucket.delete("a/plain.bin")  # already gone: nothing to do
+    assert [o.key for o in bucket.list()] == ["a/new.bin"]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import gc
 import io
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,3 +55,35 @@ def test_small_file_starts_no_thread() -> None:
     table, threaded = _write([batch], 1 << 18)
     assert not threaded
     assert table.num_rows == 3
+
+
+class _FullDisk(io.RawIOBase):
+    """A file every write to which fails, as on a full disk."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.attempts += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_refused_write_fails_close_and_is_not_retried_later() -> None:
+    """What PyArrow wrote is buffered: the file's error surfaces when the
+    buffer goes to it, and nothing is sent to the file after that (the
+    stream's destructor would otherwise try again, on a file closed by then)."""
+    disk = _FullDisk()
+    batch = pa.record_batch({"a": [1, 2, 3]})
+    writer = RowGroupWriter(disk, batch, "zstd", 1 << 18)
+    writer.add(batch)
+    writer.finish()
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    attempts = disk.attempts
+    assert attempts >= 1
+    del writer
+    gc.collect()
+    assert disk.attempts == attempts

@@ -186,6 +186,7 @@ class LocalBucket(Bucket):
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_text = str(self.root)
         self._tmp = self.root / TMP_DIR
+        self._tmp_text = str(self._tmp)
         self._etags: dict[tuple[str, int, int, int], str] = {}
         self._lock = threading.Lock()
 
@@ -194,7 +195,9 @@ class LocalBucket(Bucket):
 
     # -- keys and paths ------------------------------------------------------
 
-    def path_of(self, key: str) -> Path:
+    def path_of(self, key: str) -> str:
+        """The file of ``key``; a string, since every object read or written
+        goes through here, and pathlib's parsing cost more than the checks."""
         parts = key.split("/")
         if (
             not key
@@ -203,7 +206,7 @@ class LocalBucket(Bucket):
             or parts[0] == TMP_DIR
         ):
             raise ValueError(f"invalid object key {key!r} for bucket {self.name!r}")
-        return self.root.joinpath(*parts)
+        return os.path.join(self._root_text, *parts)
 
     def key_of(self, path: str | os.PathLike[str]) -> str | None:
         """The key of a file inside the bucket, or None if it is not an object."""
@@ -233,11 +236,11 @@ class LocalBucket(Bucket):
         return "/".join(parts)
 
     def local_path(self, key: str) -> str | None:
-        return str(self.path_of(key))
+        return self.path_of(key)
 
     # -- the interface -------------------------------------------------------
 
-    def _info(self, key: str, path: Path, st: os.stat_result) -> ObjectInfo:
+    def _info(self, key: str, path: str | Path, st: os.stat_result) -> ObjectInfo:
         cache_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         with self._lock:
             etag = self._etags.get(cache_key)
@@ -257,7 +260,7 @@ class LocalBucket(Bucket):
     def head(self, key: str) -> ObjectInfo:
         path = self.path_of(key)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.name}/{key}: no such object") from None
         if not stat.S_ISREG(st.st_mode):
@@ -273,7 +276,8 @@ class LocalBucket(Bucket):
     @contextmanager
     def open_write(self, key: str, *, if_absent: bool = False) -> Iterator[BinaryIO]:
         target = self.path_of(key)
-        tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        tmp = f"{self._tmp_text}{os.sep}{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        published = False
         try:
             f = open(tmp, "wb")  # noqa: SIM115 - closed below, on every path
         except FileNotFoundError:  # the first write (or the directory was removed)
@@ -292,9 +296,11 @@ class LocalBucket(Bucket):
             try:
                 self._publish(tmp, target, key, if_absent)
             except FileNotFoundError:  # a new directory: create it, then publish
-                target.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
                 self._publish(tmp, target, key, if_absent)
-            self._remember((str(target), st.st_size, st.st_mtime_ns, st.st_ino), writer.hexdigest())
+            # A rename leaves no aside-file to remove; a link (if_absent) does.
+            published = not if_absent
+            self._remember((target, st.st_size, st.st_mtime_ns, st.st_ino), writer.hexdigest())
         finally:
             writer.stop()
             if not f.closed:
@@ -302,9 +308,11 @@ class LocalBucket(Bucket):
                 # aside-file must still go.
                 with contextlib.suppress(OSError):
                     f.close()
-            tmp.unlink(missing_ok=True)
+            if not published:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
-    def _publish(self, tmp: Path, target: Path, key: str, if_absent: bool) -> None:
+    def _publish(self, tmp: str, target: str, key: str, if_absent: bool) -> None:
         if if_absent:
             try:
                 os.link(tmp, target)
@@ -343,7 +351,7 @@ class LocalBucket(Bucket):
 
     def put_file(self, key: str, path: str) -> ObjectInfo:
         target = self.path_of(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         if self.fsync:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -372,4 +380,5 @@ class LocalBucket(Bucket):
             yield self._info(key, path, st)
 
     def delete(self, key: str) -> None:
-        self.path_of(key).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path_of(key))

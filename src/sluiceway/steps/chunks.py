@@ -365,7 +365,7 @@ class Chunking:
                 "bucket": self.write.bucket,
                 "key": out_key,
                 "rows": rows,
-                "bytes": bucket.head(out_key).size,
+                "bytes": writer.size,
             }
         except BaseException as e:
             ledger.fail(commit_key, owner=owner, info={"error": str(e)})

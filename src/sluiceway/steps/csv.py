@@ -230,11 +230,11 @@ def read_csv_batches(
     if fast is None:
         yield from _precise_batches(source, name, options, on_malformed)
         return
-    origin, names = fast
+    origin, names, whole = fast
     delivered = 0
     schema: pa.Schema | None = None
     try:
-        for batch in _native_batches(source, options, names):
+        for batch in _native_batches(source, options, names, whole):
             schema = batch.schema
             delivered += batch.num_rows
             yield batch
@@ -256,14 +256,16 @@ class _NotFast(Exception):
 
 def _fast_pass_start(
     source: BinaryIO, name: str, options: CsvOptions
-) -> tuple[int, list[str] | None] | None:
-    """Whether the fast pass may read ``source``: (where to rewind to, names), or None.
+) -> tuple[int, list[str] | None, bytes | None] | None:
+    """Whether the fast pass may read ``source``: (where to rewind to, names, whole), or None.
 
     It may for a seekable, uncompressed, UTF-8 source whose first block (the
     one pyarrow infers types from) is valid UTF-8 and not blank; the stream is
     left just after any BOM.  Anything else goes to the precise pass directly,
     as do files whose blank start or compression it would have to guess at.
     ``names`` are the column names when ``all_strings`` needs them up front.
+    ``whole`` is the file after any BOM when it fits in the first block, as
+    most do: checked already, it is parsed from memory instead of read twice.
     """
     if not _is_utf8(options.encoding) or options.compression not in ("auto", "none"):
         return None
@@ -289,23 +291,24 @@ def _fast_pass_start(
         codecs.getincrementaldecoder("utf-8")(errors="strict").decode(first, final=False)
     except UnicodeDecodeError:
         return None
+    # Fewer bytes than asked for: the stream ended, and within the first block.
+    whole = len(head) < options.block_size + len(_UTF8_BOM) and len(first) == len(head) - skip
     names = None
     if options.all_strings:
-        whole = len(head) - skip <= options.block_size
         cut = len(first) if whole else _last_record_end(first, first.count(b'"'), False)
         names = _column_names(first[:cut], options) if cut else []
         if not names:
             return None
     source.seek(origin + skip)
-    return origin, names
+    return origin, names, first if whole else None
 
 
 def _native_batches(
-    source: BinaryIO, options: CsvOptions, names: list[str] | None
+    source: BinaryIO, options: CsvOptions, names: list[str] | None, whole: bytes | None
 ) -> Iterator[pa.RecordBatch]:
     """pyarrow's own streaming reader on the source, with the precise pass's options."""
     reader = pacsv.open_csv(
-        pa.PythonFile(source, mode="r"),
+        pa.PythonFile(source, mode="r") if whole is None else pa.BufferReader(whole),
         read_options=_read_options(options),
         parse_options=_parse_options(options),
         convert_options=_convert_options(options, names or []),

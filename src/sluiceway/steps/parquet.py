@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
@@ -64,6 +63,8 @@ def render_key(template: str, bucket: str, key: str) -> str:
 #: two row groups in memory (one filling, one encoding) outgrow the 512 MiB
 #: budget.
 ROW_GROUP_BYTES = 64 << 20
+#: What PyArrow writes is gathered into pieces of this size for the file object.
+SINK_BUFFER_BYTES = 1 << 20
 #: Rows of the first batch looked at to choose the columns worth a dictionary.
 DICTIONARY_SAMPLE = 1 << 16
 
@@ -85,7 +86,9 @@ def dictionary_columns(batch: pa.RecordBatch) -> list[str] | bool:
     chosen = []
     for field, column in zip(batch.schema, sample.columns, strict=True):
         try:
-            distinct = pc.count_distinct(column, mode="all").as_py()
+            # unique() counts a null as one value, as count_distinct(mode="all")
+            # does, at half its cost for strings (no scalar aggregate around it).
+            distinct = len(column.unique())
         except pa.ArrowNotImplementedError:
             distinct = 0  # a type without hashing: leave it to PyArrow
         if distinct * 2 <= sample.num_rows:
@@ -113,12 +116,23 @@ class RowGroupWriter:
     ) -> None:
         self._schema = first.schema
         self._rows_per_group = row_group_size
-        self._writer = pq.ParquetWriter(
-            f,
-            self._schema,
-            compression=compression,
-            use_dictionary=dictionary_columns(first),
-        )
+        # PyArrow writes a file in many small pieces (each page, its header,
+        # the footer's parts): a small file took about twenty calls into Python,
+        # each taking the GIL (from the encoder thread too) and going through
+        # the bucket's hashing writer. Gathered natively, it takes one.
+        self._sink = pa.BufferedOutputStream(pa.PythonFile(f, mode="w"), SINK_BUFFER_BYTES)
+        #: The file's size once closed (what a bucket's head would say, without asking it).
+        self.size: int | None = None
+        try:
+            self._writer = pq.ParquetWriter(
+                self._sink,
+                self._schema,
+                compression=compression,
+                use_dictionary=dictionary_columns(first),
+            )
+        except BaseException:
+            self._release_sink()
+            raise
         # Started by the first full row group: a file of one group is encoded
         # in finish(), with nothing left to overlap, and starting a thread
         # would cost a small file more than its encoding does.
@@ -161,10 +175,25 @@ class RowGroupWriter:
         try:
             with contextlib.suppress(Exception):
                 self._wait()  # an error here was raised by finish() or is moot
-            self._writer.close()
+            try:
+                self._writer.close()
+                self.size = self._sink.tell()
+            finally:
+                self._release_sink()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+
+    def _release_sink(self) -> None:
+        """Hand the buffered rest to ``f``, which stays open: its owner's business."""
+        try:
+            self._sink.detach()
+        except BaseException:
+            # ``f`` refused it (a full disk): drop it now, or the stream's
+            # destructor would try again, on a file closed by then.
+            with contextlib.suppress(Exception):
+                self._sink.close()
+            raise
 
     def _submit(self, table: pa.Table) -> None:
         self._wait()
@@ -260,10 +289,9 @@ class WriteParquet(StepType):
             if writer is None:  # a chunk that owns no row: no part
                 bucket.delete(out_key)
                 return iter(())
-            info = bucket.head(out_key)
             ctx.count("rows_written", rows)
             ctx.outputs.append(
-                {"bucket": opts.bucket, "key": out_key, "rows": rows, "bytes": info.size}
+                {"bucket": opts.bucket, "key": out_key, "rows": rows, "bytes": writer.size}
             )
             return iter(())
 
