@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
-    """A received message. ``receipt`` proves this receive, for ack and heartbeat."""
+    """A received message. ``receipt`` proves this receive, for ack and heartbeat.
+
+    Slots: a batch receive builds one per message, and they build faster without a dict.
+    """
 
     id: str
     queue: str
@@ -49,7 +52,7 @@ class QueueSpec:
     backoff_max: float = 300.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     body: str
     attributes: dict[str, Any] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from ..state import StateDB
@@ -21,17 +22,15 @@ from .base import Broker, Message, OutgoingMessage, Queue, QueueCounts, QueueSpe
 # Between empty polls; grows to the maximum while a queue stays idle.
 POLL_MIN = 0.005
 POLL_MAX = 0.05
-# Ids per DELETE in an ack: well under SQLite's limit of bound parameters.
-ACK_CHUNK = 500
+# The ready messages of a queue, first visible first: (queue, now, limit).
+_READY = (
+    "SELECT seq FROM messages WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?"
+)
 
 
 def _loads(text: str) -> dict[str, Any]:
     # Most messages carry no attributes: skip the decoder for the common case.
     return {} if text == "{}" else json.loads(text)
-
-
-def _dumps(attributes: Mapping[str, Any]) -> str:
-    return json.dumps(attributes) if attributes else "{}"
 
 
 def _row_to_message(row: Any) -> Message:
@@ -60,19 +59,20 @@ class SqliteQueue(Queue):
         now = time.time()
         # One random prefix per call, then a counter: as unique as a UUID per
         # message (the prefix is 128 random bits), at a fraction of the cost.
-        prefix = uuid.uuid4().hex
-        ids = [m.id or f"{prefix}-{i}" for i, m in enumerate(messages)]
-        delay = self.spec.delay
+        prefix = f"{uuid.uuid4().hex}-"
+        name = self.name
+        visible = now + self.spec.delay
         rows = [
             (
-                mid,
-                self.name,
+                m.id or prefix + str(i),
+                name,
                 m.body,
-                _dumps(m.attributes),
+                # Most messages carry no attributes: skip the encoder for them.
+                json.dumps(m.attributes) if m.attributes else "{}",
                 now,
-                now + (delay if m.delay is None else m.delay),
+                visible if m.delay is None else now + m.delay,
             )
-            for mid, m in zip(ids, messages, strict=True)
+            for i, m in enumerate(messages)
         ]
         with self.db.transaction() as conn:
             conn.executemany(
@@ -80,69 +80,66 @@ class SqliteQueue(Queue):
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
-        return ids
+        return [row[0] for row in rows]
 
     def _receive_once(self, max_messages: int) -> list[Message]:
         now = time.time()
+        name = self.name
         conn = self.db.conn
-        # A cheap read first: most empty polls never take the write lock.
-        if (
-            conn.execute(
-                "SELECT 1 FROM messages WHERE queue = ? AND visible_at <= ? LIMIT 1",
-                (self.name, now),
-            ).fetchone()
-            is None
-        ):
+        # A read first: an empty poll never takes the write lock. Its order,
+        # first visible first, is the order of delivery.
+        order = [seq for (seq,) in conn.execute(_READY, (name, now, max_messages))]
+        if not order:
             return []
+        # One receipt per receive call: with the message id it still names
+        # exactly this delivery. One statement hides the batch, picking the
+        # rows again under the write lock (another process may have taken
+        # some since the read); its own commit makes it atomic.
+        receipt = uuid.uuid4().hex
+        hidden_until = now + self.spec.visibility_timeout
+        if not self.db.write(
+            "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, receipt = ?"
+            f" WHERE seq IN ({_READY})",
+            (hidden_until, receipt, name, now, max_messages),
+        )[1]:
+            return []
+        # Then read back what it hid, found by its receipt. (RETURNING would
+        # do both in one statement, but buffers its rows: slower than the two.)
+        # A crash in between leaves the rows hidden until the visibility
+        # timeout, as does a crash just after a receive.
+        rows = conn.execute(
+            "SELECT seq, id, body, attributes, receive_count, sent_at, failure FROM messages"
+            " WHERE queue = ? AND visible_at = ? AND receipt = ? ORDER BY seq",
+            (name, hidden_until, receipt),
+        ).fetchall()
+        if order != sorted(order):  # delays or redeliveries: visible_at order is not seq order
+            rank = {seq: i for i, seq in enumerate(order)}
+            rows.sort(key=lambda r: rank.get(r[0], max_messages))
         limit = self.spec.max_receive_count
-        with self.db.transaction() as conn:
-            rows = conn.execute(
-                "SELECT seq, id, body, attributes, receive_count, sent_at, failure FROM messages"
-                " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
-                (self.name, now, max_messages),
-            ).fetchall()
-            out: list[Message] = []
-            seqs: list[int] = []
-            # One receipt per receive call: with the message id it still names
-            # exactly this delivery, and the batch is updated in one statement.
-            receipt = uuid.uuid4().hex
-            for seq, mid, body, attributes, count, sent_at, failure in rows:
-                failed = json.loads(failure) if failure else None
-                if count >= limit:
-                    # Received that often without an ack or a recorded failure:
-                    # the worker died each time. Stop the crash loop here.
-                    msg = Message(mid, self.name, body, _loads(attributes), count, "", sent_at)
-                    self.dead_letter(
-                        msg,
-                        failed
-                        or {
-                            "error_type": "MaxReceiveCountExceeded",
-                            "message": (
-                                f"received {count} times without being acked "
-                                "(the worker died or timed out each time)"
-                            ),
-                        },
-                    )
-                    continue
-                seqs.append(seq)
-                out.append(
-                    Message(
-                        mid,
-                        self.name,
-                        body,
-                        _loads(attributes),
-                        count + 1,
-                        receipt,
-                        sent_at,
-                        failed,
-                    )
+        out: list[Message] = []
+        for _, mid, body, attributes, count, sent_at, failure in rows:
+            failed = json.loads(failure) if failure else None
+            if count > limit:
+                # Received that often without an ack or a recorded failure: the
+                # worker died each time. Stop the crash loop here. Hidden under
+                # this receipt, the message goes to no worker even if the
+                # dead-letter below is cut short: the next receive comes here.
+                msg = Message(mid, name, body, _loads(attributes), count - 1, "", sent_at)
+                self.dead_letter(
+                    msg,
+                    failed
+                    or {
+                        "error_type": "MaxReceiveCountExceeded",
+                        "message": (
+                            f"received {count - 1} times without being acked "
+                            "(the worker died or timed out each time)"
+                        ),
+                    },
                 )
-            if seqs:
-                conn.execute(
-                    "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1,"
-                    f" receipt = ? WHERE seq IN ({','.join('?' * len(seqs))})",
-                    (now + self.spec.visibility_timeout, receipt, *seqs),
-                )
+                continue
+            out.append(
+                Message(mid, name, body, _loads(attributes), count, receipt, sent_at, failed)
+            )
         return out
 
     def receive(self, max_messages: int = 1, *, wait: float = 0.0) -> list[Message]:
@@ -157,21 +154,22 @@ class SqliteQueue(Queue):
             pause = min(pause * 2, POLL_MAX)
 
     def ack(self, messages: Sequence[Message]) -> int:
-        # Messages of one receive share a receipt: one statement per receipt.
+        # Messages of one receive share a receipt: one statement per receipt,
+        # the ids in one JSON parameter. The statement's text never changes
+        # (SQLite's statement cache keeps it prepared, where an IN list of
+        # each length is a new statement) and has no limit on bound parameters.
         by_receipt: dict[str, list[str]] = {}
         for m in messages:
             by_receipt.setdefault(m.receipt, []).append(m.id)
-        deleted = 0
-        with self.db.transaction() as conn:
-            for receipt, ids in by_receipt.items():
-                for start in range(0, len(ids), ACK_CHUNK):
-                    chunk = ids[start : start + ACK_CHUNK]
-                    deleted += conn.execute(
-                        "DELETE FROM messages WHERE queue = ? AND receipt = ?"
-                        f" AND id IN ({','.join('?' * len(chunk))})",
-                        (self.name, receipt, *chunk),
-                    ).rowcount
-        return deleted
+        with self.db.transaction() if len(by_receipt) > 1 else nullcontext():
+            return sum(
+                self.db.write(
+                    "DELETE FROM messages WHERE queue = ? AND receipt = ?"
+                    " AND id IN (SELECT value FROM json_each(?))",
+                    (self.name, receipt, json.dumps(ids)),
+                )[1]
+                for receipt, ids in by_receipt.items()
+            )
 
     def change_visibility(self, message: Message, seconds: float) -> bool:
         with self.db.transaction() as conn:
