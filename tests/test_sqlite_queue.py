@@ -1,10 +1,11 @@
 """The SQLite queue beyond the contract suite: batch order, dead letters in a batch, processes.
 
-A receive hides its batch in one statement and reads it back by receipt
+A receive hides its batch with one statement of a fixed text that picks the
+rows again, and an ack of one receipt is one statement of its own
 (src/sluiceway/queues/sqlite.py); these check what that must keep: the batch
 in the order its messages became visible, the messages over
-max_receive_count dead-lettered from the middle of a batch, and processes
-sharing one file never holding the same message.
+max_receive_count dead-lettered from the middle of a batch, acks across
+receipts, and processes sharing one file never holding the same message.
 """
 
 from __future__ import annotations

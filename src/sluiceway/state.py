@@ -312,24 +312,20 @@ class StateDB:
         self._local.depth = 0
         conn.execute("COMMIT")
 
-    def write(self, statement: str, params: Sequence[Any] = ()) -> tuple[list[Any], int]:
-        """One write statement as a transaction of its own: its rows and rowcount.
+    def write(self, statement: str, params: Sequence[Any] = ()) -> int:
+        """One write statement as a transaction of its own; its rowcount.
 
-        SQLite makes every statement atomic, so a write that is one statement
-        needs no BEGIN IMMEDIATE and COMMIT around it: two round trips fewer on
-        the queue's hot paths, with the same write lock, taken at the
-        statement's start. Inside a transaction it joins that one; with cache
+        SQLite makes every statement atomic: one that is the whole write needs
+        no BEGIN IMMEDIATE and COMMIT around it, two round trips fewer for an
+        ack or a heartbeat, under the same write lock (taken as the statement
+        starts). Inside a transaction it is part of that one; with cache
         entries pending it takes a transaction, which writes them too.
         """
         conn = self.conn
         if self._local.depth or getattr(self._local, "etags", None):
             with self.transaction() as conn:
-                cur = conn.execute(statement, params)
-                return cur.fetchall(), cur.rowcount
-        cur = self._while_locked(conn, statement, params)
-        # RETURNING rows come from the first step, but the statement (and its
-        # write lock) ends only once they are all read.
-        return cur.fetchall(), cur.rowcount
+                return conn.execute(statement, params).rowcount
+        return self._while_locked(conn, statement, params).rowcount
 
     def cached_etag(self, path: str, size: int, mtime_ns: int, ino: int) -> str | None:
         pending = self._pending_etags().get(path)
