@@ -117,7 +117,7 @@ class SqliteQueue(Queue):
         receipt = _random_hex()
         with self.db.transaction() as conn:
             rows = conn.execute(
-                "SELECT seq, id, body, attributes, receive_count, sent_at, failure FROM messages"
+                "SELECT id, body, attributes, receive_count, sent_at, failure FROM messages"
                 " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
                 (name, now, max_messages),
             ).fetchall()
@@ -134,7 +134,7 @@ class SqliteQueue(Queue):
                 (now + self.spec.visibility_timeout, receipt, name, now, max_messages, limit),
             )
             out: list[Message] = []
-            for _, mid, body, attributes, count, sent_at, failure in rows:
+            for mid, body, attributes, count, sent_at, failure in rows:
                 failed = json.loads(failure) if failure else None
                 if count >= limit:
                     # Received that often without an ack or a recorded failure:
