@@ -26,8 +26,6 @@ POLL_MAX = 0.05
 _READY = (
     "SELECT seq FROM messages WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?"
 )
-
-
 # Ids per DELETE in an ack: well under SQLite's limit of bound parameters.
 ACK_CHUNK = 512
 
