@@ -13,9 +13,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import SluicewayError
 
@@ -260,17 +261,19 @@ class StateDB:
     def _wal(self, conn: sqlite3.Connection) -> None:
         self._while_locked(conn, "PRAGMA journal_mode=WAL")
 
-    def _while_locked(self, conn: sqlite3.Connection, statement: str) -> None:
+    def _while_locked(
+        self, conn: sqlite3.Connection, statement: str, params: Sequence[Any] = ()
+    ) -> sqlite3.Cursor:
         """Run ``statement``, retrying while another process holds the database.
 
         SQLite's busy handler covers most waits; this bounded loop covers the
         statements it gives up on at once, and ends in a clear StateLocked.
+        A statement that failed on the lock changed nothing, so it can run again.
         """
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
-                conn.execute(statement)
-                return
+                return conn.execute(statement, params)
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise
@@ -308,6 +311,21 @@ class StateDB:
             raise
         self._local.depth = 0
         conn.execute("COMMIT")
+
+    def write(self, statement: str, params: Sequence[Any] = ()) -> int:
+        """One write statement as a transaction of its own; its rowcount.
+
+        SQLite makes every statement atomic: one that is the whole write needs
+        no BEGIN IMMEDIATE and COMMIT around it, two round trips fewer for an
+        ack or a heartbeat, under the same write lock (taken as the statement
+        starts). Inside a transaction it is part of that one; with cache
+        entries pending it takes a transaction, which writes them too.
+        """
+        conn = self.conn
+        if self._local.depth or getattr(self._local, "etags", None):
+            with self.transaction() as conn:
+                return conn.execute(statement, params).rowcount
+        return self._while_locked(conn, statement, params).rowcount
 
     def cached_etag(self, path: str, size: int, mtime_ns: int, ino: int) -> str | None:
         pending = self._pending_etags().get(path)

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
-    """A received message. ``receipt`` proves this receive, for ack and heartbeat."""
+    """A received message. ``receipt`` proves this receive, for ack and heartbeat.
+
+    Slots: a batch receive builds one per message, and they build faster without a dict.
+    """
 
     id: str
     queue: str
@@ -49,8 +52,15 @@ class QueueSpec:
     backoff_max: float = 300.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutgoingMessage:
+    """A message to send.
+
+    Not frozen: a frozen dataclass builds through object.__setattr__, four
+    times slower (0.7 µs more a message, 5% of a batch send → receive → ack
+    on SQLite), and nothing changes a message once built.
+    """
+
     body: str
     attributes: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
