@@ -518,7 +518,7 @@ class Worker:
             queue.change_visibility(item, 0)
 
     def _output_events(self, outputs: list[dict[str, Any]]) -> list[PreparedEvent]:
-        """The outputs' "Object Created" events, matched and encoded ahead of ``_finish``."""
+        """The outputs' "Object Created" events, prepared before the write lock is taken."""
         events = []
         for out in outputs if self.announce_outputs else ():
             if "bucket" in out and "key" in out:
