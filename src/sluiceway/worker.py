@@ -368,9 +368,7 @@ class Worker:
 
         Anything but a clean claim (a bad envelope, a key done or busy
         elsewhere) comes back as the bare message, for ``_start`` to deal
-        with outside the write lock. The claimed message is this worker's
-        activity from the commit on: should the worker die before it starts
-        on it, the supervisor hands it back at once, one receive spent.
+        with outside the write lock.
         """
         got = queue.receive(1, wait=0.0)
         if not got:
