@@ -28,7 +28,7 @@ from .pipeline import Pipeline
 from .poller import start_discovery
 from .queues.base import Message
 from .watcher import BucketWatcher
-from .worker import RUN_LIMIT, Shutdown, Worker
+from .worker import Shutdown, Worker
 
 log = logging.getLogger("sluiceway.runtime")
 
@@ -60,7 +60,7 @@ def worker_main(
     parent = mp.parent_process()  # a SIGKILLed runtime leaves no orphan workers behind
     try:
         while not stop.is_set() and (parent is None or parent.is_alive()):
-            worker.poll(wait=0.2, limit=RUN_LIMIT)
+            worker.poll(wait=0.2)
     except Shutdown:
         pass
     finally:
@@ -231,7 +231,7 @@ class Runtime:
 
     def tick(self, wait: float) -> None:
         if self._local_worker is not None:
-            self._local_worker.poll(wait=wait, limit=RUN_LIMIT)
+            self._local_worker.poll(wait=wait)
         else:
             self._stop.wait(wait)
         self.supervise()

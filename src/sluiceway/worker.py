@@ -41,10 +41,6 @@ from .steps.python import resolve_handler
 log = logging.getLogger("sluiceway.worker")
 # The pause after a poll that read stream records but had nothing to flush yet.
 BUSY_WAIT = 0.005
-# A service worker's poll goes on with a function's next message, up to this
-# many or this long, before it looks at the other functions again.
-RUN_LIMIT = 32
-RUN_SECONDS = 0.1
 
 
 class Shutdown(BaseException):
@@ -86,15 +82,6 @@ class Outcome:
     message_id: str
     function: str
     detail: dict[str, Any]
-
-
-@dataclass
-class _Job:
-    """A message whose event is parsed and whose ledger claim is held: ready to run."""
-
-    msg: Message
-    event: Event
-    key: str
 
 
 class FunctionRunner:
@@ -260,22 +247,15 @@ class Worker:
         self.drain = drain
         self.stopping = threading.Event()
 
-    def poll(self, wait: float = 0.0, limit: int = 1) -> list[Outcome]:
-        """Take and process up to ``limit`` messages per function; returns what happened.
-
-        With ``limit`` > 1 (the service's workers) a function's messages are
-        taken one after the other while they come quickly (``RUN_SECONDS``):
-        on the embedded default the next one is received and claimed in the
-        transaction that finishes the one before, so a stream of small files
-        costs one state transaction each instead of three.
-        """
+    def poll(self, wait: float = 0.0) -> list[Outcome]:
+        """Take and process at most one message per function; returns what happened."""
         outcomes: list[Outcome] = []
         names = list(self.runners)
         random.shuffle(names)  # no function starves another
         for name in names:
             queue = self.pipeline.broker.queue(self.runners[name].config.queue)
             for msg in queue.receive(1, wait=0.0):
-                outcomes.extend(self._run_of(name, queue, msg, limit))
+                outcomes.append(self.process(name, queue, msg))
         flush_idle = self.drain is not None and self.drain.is_set()
         for name, consumer in self.consumers.items():
             for r in consumer.poll(flush_idle=flush_idle):
@@ -293,32 +273,13 @@ class Worker:
             name = names[0]
             queue = self.pipeline.broker.queue(self.runners[name].config.queue)
             for msg in queue.receive(1, wait=wait):
-                outcomes.extend(self._run_of(name, queue, msg, limit))
+                outcomes.append(self.process(name, queue, msg))
         return outcomes
 
     def run(self, *, idle_wait: float = 0.2, stop: threading.Event | None = None) -> None:
         stop = stop or self.stopping
         while not stop.is_set():
-            self.poll(wait=idle_wait, limit=RUN_LIMIT)
-
-    def _run_of(self, function: str, queue: Queue, msg: Message, limit: int) -> list[Outcome]:
-        """Process ``msg``, then the function's next messages while they come quickly."""
-        outcomes: list[Outcome] = []
-        deadline = time.monotonic() + RUN_SECONDS
-        item: Message | _Job | None = msg
-        held: Message | _Job | None = None  # taken for later, not yet being processed
-        try:
-            while item is not None:
-                more = len(outcomes) + 1 < limit and time.monotonic() < deadline
-                held = None
-                outcome, item = self._process(function, queue, item, take_next=more)
-                held = item
-                outcomes.append(outcome)
-        except Shutdown:
-            if held is not None:
-                self._release(queue, held)
-            raise
-        return outcomes
+            self.poll(wait=idle_wait)
 
     def close(self) -> None:
         """Release stream leases so a successor takes over without waiting for expiry."""
@@ -327,29 +288,21 @@ class Worker:
         health.flush()
 
     def process(self, function: str, queue: Queue, msg: Message) -> Outcome:
-        """Claim, run and commit (or fail) one message."""
-        return self._process(function, queue, msg, take_next=False)[0]
+        runner = self.runners[function]
+        ledger = self.pipeline.ledger
+        try:
+            event = Event.from_json(msg.body)
+        except ValueError as e:
+            failure = failure_record(e, msg, self.worker_id)
+            failure["message"] = f"message {msg.id} is not an event envelope: {e}"
+            queue.dead_letter(msg, failure)
+            return Outcome("dead", msg.id, function, failure)
 
-    def _process(
-        self, function: str, queue: Queue, item: Message | _Job, *, take_next: bool
-    ) -> tuple[Outcome, Message | _Job | None]:
-        """One message, and the function's next one if ``take_next`` (claimed where it could be)."""
-        if isinstance(item, _Job):
-            return self._run_job(function, queue, item, take_next)
-        started = self._start(function, queue, item)
-        if isinstance(started, _Job):
-            return self._run_job(function, queue, started, take_next)
-        return started, self._next(queue, take_next)
-
-    def _claim(self, function: str, queue: Queue, msg: Message) -> tuple[Claim, Event, str]:
-        """Parse the event and claim its ledger key (ValueError: not an event envelope)."""
-        event = Event.from_json(msg.body)
         key = f"{function}|{event.input_identity}{key_suffix(event)}"
         ttl = queue.spec.visibility_timeout
+        timeout = runner.config.timeout
         with self._together():
-            claim = self.pipeline.ledger.claim(
-                key, function=function, owner=self.worker_id, ttl=ttl
-            )
+            claim = ledger.claim(key, function=function, owner=self.worker_id, ttl=ttl)
             if claim is Claim.ACQUIRED:
                 queue.change_visibility(msg, ttl)  # hidden at least as long as the claim
                 self.activity.start(
@@ -359,39 +312,8 @@ class Worker:
                     message_id=msg.id,
                     receipt=msg.receipt,
                     ledger_key=key,
-                    timeout=self.runners[function].config.timeout,
+                    timeout=timeout,
                 )
-        return claim, event, key
-
-    def _take_next(self, function: str, queue: Queue) -> Message | _Job | None:
-        """Receive the function's next message and claim it, inside the caller's transaction.
-
-        Anything but a clean claim (a bad envelope, a key done or busy
-        elsewhere) comes back as the bare message, for ``_start`` to deal
-        with outside the write lock.
-        """
-        got = queue.receive(1, wait=0.0)
-        if not got:
-            return None
-        try:
-            claim, event, key = self._claim(function, queue, got[0])
-        except ValueError:
-            return got[0]
-        return _Job(got[0], event, key) if claim is Claim.ACQUIRED else got[0]
-
-    def _start(self, function: str, queue: Queue, msg: Message) -> Outcome | _Job:
-        """Claim ``msg``: a job to run, or what became of it (dead, duplicate, busy)."""
-        runner = self.runners[function]
-        try:
-            claim, event, key = self._claim(function, queue, msg)
-        except ValueError as e:
-            failure = failure_record(e, msg, self.worker_id)
-            failure["message"] = f"message {msg.id} is not an event envelope: {e}"
-            queue.dead_letter(msg, failure)
-            return Outcome("dead", msg.id, function, failure)
-        ttl = queue.spec.visibility_timeout
-        if claim is Claim.ACQUIRED:
-            return _Job(msg, event, key)
         if claim is Claim.DONE:
             if chunk_of(event) is not None and runner.chunking is not None:
                 # A finisher may have crashed before committing the whole.
@@ -400,19 +322,11 @@ class Worker:
                     return retry
             queue.ack([msg])
             return Outcome("duplicate", msg.id, function, {"key": key})
-        # Someone else holds a live claim; look again after it would expire.
-        queue.change_visibility(msg, min(ttl, 5.0))
-        return Outcome("busy", msg.id, function, {"key": key})
+        if claim is Claim.BUSY:
+            # Someone else holds a live claim; look again after it would expire.
+            queue.change_visibility(msg, min(ttl, 5.0))
+            return Outcome("busy", msg.id, function, {"key": key})
 
-    def _run_job(
-        self, function: str, queue: Queue, job: _Job, take_next: bool
-    ) -> tuple[Outcome, Message | _Job | None]:
-        """Run a claimed message's function and commit; the next message if ``take_next``."""
-        runner = self.runners[function]
-        ledger = self.pipeline.ledger
-        msg, event, key = job.msg, job.event, job.key
-        ttl = queue.spec.visibility_timeout
-        timeout = runner.config.timeout
         ctx = StepContext(
             event=event,
             function=function,
@@ -438,15 +352,16 @@ class Worker:
             info = {"reason": str(e), "skipped_at": time.time()}
             ledger.skip(key, owner=self.worker_id, info=info)
             queue.ack([msg])
-            return Outcome("skipped", msg.id, function, info), self._next(queue, take_next)
+            return Outcome("skipped", msg.id, function, info)
         except Shutdown:
             # Not the message's fault: hand it back untouched and now.
-            self._release(queue, job)
+            ledger.fail(key, owner=self.worker_id, info={"released": "shutdown"})
+            queue.change_visibility(msg, 0)
+            self.activity.finish(self.worker_id)
             raise
         except Exception as e:
             self.activity.finish(self.worker_id)
-            failed = self._failed(function, queue, msg, key, e)
-            return failed, self._next(queue, take_next)
+            return self._failed(function, queue, msg, key, e)
 
         finished = time.time()
         info = {
@@ -472,48 +387,28 @@ class Worker:
             info["bytes_in"] = 0  # counted once, on the input's own entry
         faults.point("after_commit")
         self._notify(runner.config.on_success, f"{key}#summary", {"status": "done", **info})
-        replaces = plan is None and chunk is None  # a chunked input's entries share its identity
+        if plan is None and chunk is None:  # a chunked input's entries share its identity
+            self._remove_replaced_outputs(function, event, key, ctx.outputs)
         if chunk is None and self.pipeline.embedded:
-            # Done, output events, ack and the next message's receipt and claim
-            # are rows of one database: one commit, so there is no window in
-            # which the input is done but not acked. Its reads are in it too:
-            # a transaction after another process's commit starts with a cold
-            # page cache, which costs more than the reads themselves.
+            # Done, output events and ack are rows of one database: one commit,
+            # so there is no window in which the input is done but not acked.
+            events = self._output_events(ctx.outputs)
             with self.pipeline.db.transaction():
-                if replaces:
-                    self._remove_replaced_outputs(function, event, key, ctx.outputs)
-                events = self._output_events(ctx.outputs)
                 ledger.complete(key, owner=self.worker_id, info=info)
                 self._finish(events, queue, msg)
-                following = self._take_next(function, queue) if take_next else None
             faults.point("after_done")
-            return Outcome("done", msg.id, function, info), following
-        if replaces:
-            self._remove_replaced_outputs(function, event, key, ctx.outputs)
+            return Outcome("done", msg.id, function, info)
         ledger.complete(key, owner=self.worker_id, info=info)
         faults.point("after_done")
         if chunk is not None and runner.chunking is not None:
             retry = self._commit_chunks(runner.chunking, function, queue, msg, key, event)
             if retry is not None:
                 self.activity.finish(self.worker_id)
-                return retry, self._next(queue, take_next)
+                return retry
         events = self._output_events(ctx.outputs if chunk is None else [])
         with self._together():
             self._finish(events, queue, msg)
-        return Outcome("done", msg.id, function, info), self._next(queue, take_next)
-
-    def _next(self, queue: Queue, take_next: bool) -> Message | None:
-        got = queue.receive(1, wait=0.0) if take_next else []
-        return got[0] if got else None
-
-    def _release(self, queue: Queue, item: Message | _Job) -> None:
-        """Hand a message back untouched and now (the worker is shutting down)."""
-        if isinstance(item, _Job):
-            self.pipeline.ledger.fail(item.key, owner=self.worker_id, info={"released": "shutdown"})
-            queue.change_visibility(item.msg, 0)
-            self.activity.finish(self.worker_id)
-        else:
-            queue.change_visibility(item, 0)
+        return Outcome("done", msg.id, function, info)
 
     def _output_events(self, outputs: list[dict[str, Any]]) -> list[PreparedEvent]:
         """The outputs' "Object Created" events, prepared before the write lock is taken."""
