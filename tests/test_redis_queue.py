@@ -8,8 +8,6 @@ checked on Redis, with stale receipts and timeouts in the mix.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
-import queue
 import random
 import socket
 import threading
@@ -26,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sluiceway.queues.base import Message, OutgoingMessage, QueueSpec
 
+from .helpers import consumer_reports
 from .redis_backend import client, delete_keys, fresh_prefix, redis_url, require_redis
 from .services import free_port
 
@@ -491,32 +490,18 @@ def test_four_processes_ack_every_message_exactly_once(prefix: str) -> None:
 
     url = redis_url(prefix)
     broker = RedisBroker.from_url(url, SPECS, {})
-    # A forkserver that imports the backend once: four spawned children would
-    # each import all of sluiceway (pyarrow included), seconds on a busy machine.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["sluiceway.queues.redis", "tests.test_redis_queue"])
-    results, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
-    procs = [ctx.Process(target=_consume, args=(url, i, results, ready, go)) for i in range(4)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        assert ready.acquire(timeout=30), "a worker process did not start"
-    sent = set(broker.queue("q").send_batch([OutgoingMessage(f"m{i}") for i in range(300)]))
-    go.set()
-    reports = []
-    deadline = time.monotonic() + 60
-    while len(reports) < len(procs):
-        try:
-            report = results.get(timeout=1)
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a worker process died (exit codes {dead}) without reporting"
-            assert time.monotonic() < deadline, "the workers did not finish within 60s"
-            continue
-        assert report[1] is not None, f"worker {report[0]} failed:\n{report[2]}"
-        reports.append(report)
-    for p in procs:
-        p.join(10)
+    sent: set[str] = set()
+
+    def send() -> None:
+        sent.update(broker.queue("q").send_batch([OutgoingMessage(f"m{i}") for i in range(300)]))
+
+    reports = consumer_reports(
+        _consume,
+        lambda i: (url, i),
+        ["sluiceway.queues.redis", "tests.test_redis_queue"],
+        send,
+        lambda r: None if r[1] is not None else f"worker {r[0]} failed:\n{r[2]}",
+    )
     acked = [mid for _, ids, _ in reports for mid in ids]
     assert len(acked) == len(set(acked)) == 300, "each message acked exactly once"
     assert set(acked) == sent

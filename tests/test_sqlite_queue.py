@@ -10,8 +10,6 @@ receipts, and processes sharing one file never holding the same message.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 from sluiceway.queues.base import OutgoingMessage, QueueSpec
 from sluiceway.queues.sqlite import SqliteBroker
 from sluiceway.state import StateDB
+
+from .helpers import consumer_reports
 
 SPECS = {
     "q": QueueSpec("q", visibility_timeout=30, max_receive_count=1, dead_letter_queue="d"),
@@ -92,31 +92,19 @@ def _drain(path: str, results: Any, ready: Any, go: Any) -> None:
 def test_four_processes_receive_every_message_exactly_once(tmp_path: Path) -> None:
     path = str(tmp_path / "s.db")
     broker = _broker(path)
-    # A forkserver that imports the queue once, not once per spawned child.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["sluiceway.queues.sqlite", "tests.test_sqlite_queue"])
-    results, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
-    procs = [ctx.Process(target=_drain, args=(path, results, ready, go)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        assert ready.acquire(timeout=30), "a worker process did not start"
-    sent = set(broker.queue("q").send_batch([OutgoingMessage(f"m{i}") for i in range(2000)]))
-    go.set()
-    reports = []
-    deadline = time.monotonic() + 60
-    while len(reports) < len(procs):
-        try:
-            acked, error = results.get(timeout=1)
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a worker process died (exit codes {dead}) without reporting"
-            assert time.monotonic() < deadline, "the workers did not finish within 60s"
-            continue
-        assert error is None, error
-        reports.append(acked)
-    for p in procs:
-        p.join(10)
+    sent: set[str] = set()
+
+    def send() -> None:
+        sent.update(broker.queue("q").send_batch([OutgoingMessage(f"m{i}") for i in range(2000)]))
+
+    reports = consumer_reports(
+        _drain,
+        lambda i: (path,),
+        ["sluiceway.queues.sqlite", "tests.test_sqlite_queue"],
+        send,
+        lambda report: report[1],
+    )
+    reports = [acked for acked, _ in reports]
     every = [mid for acked in reports for mid in acked]
     assert len(every) == len(set(every)) == len(sent) and set(every) == sent
     assert sum(1 for acked in reports if acked) >= 2, "the processes did not share the queue"

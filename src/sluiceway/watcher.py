@@ -127,7 +127,7 @@ class BucketWatcher:
                 continue
             if (info.size, info.mtime) != (seen.st_size, seen.st_mtime):
                 # Written to again: it waits as a file being written does.
-                path = str(bucket.path_of(key))
+                path = bucket.path_of(key)
                 self._pending[path] = (bucket, key, seen, time.monotonic())
                 continue
             yield bucket.name, info
