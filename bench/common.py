@@ -200,6 +200,11 @@ class Service:
             pipeline.close()
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the service is not running"
+        return self.proc.pid
+
     def check(self) -> None:
         """Raise if the service has exited, with the end of its log."""
         if self.proc is not None and self.proc.poll() is not None:

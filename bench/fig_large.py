@@ -379,8 +379,9 @@ def run(ctx: Context) -> Section:
         "starts when it is hard-linked into the bronze bucket, the way a careful producer "
         "lands a file (written aside, then renamed or linked in: complete the moment it "
         "appears), and stops at the Parquet file's `finished_at` in the ledger. Inside: the "
-        "watcher noticing the file and waiting for it to settle (size and mtime unchanged for "
-        "its `settle`), the MD5 of the whole file (the ETag, ours to compute on a local "
+        "watcher noticing the file (staged long before, its mtime is older than the watcher's "
+        "`settle`, so it is offered at once, with no wait for it to settle), the MD5 of the "
+        "whole file (the ETag, ours to compute on a local "
         "bucket), the event and queue, the worker's claim, read, write, fsync and ledger. "
         "Outside, as for the raw tools: getting the bytes onto the disk, which in the real "
         "design is the producer's upload (S3 receives it; on a local bucket the producer writes "
@@ -428,8 +429,8 @@ def _split(sw: Measured, via_put: Measured, best: str, base: float) -> str:
         convert = sw.seconds.median - sw.claimed.median
         text += (
             f"Of Sluiceway's {sw.seconds.median:.2f} s from the drop, the event is raised after "
-            f"{sw.event.median:.2f} s (range {sw.event.range(2)}: the watcher notices the file, "
-            f"waits for it to settle and computes its MD5), the worker claims it at "
+            f"{sw.event.median:.2f} s (range {sw.event.range(2)}: the watcher notices the file "
+            f"and computes its MD5), the worker claims it at "
             f"{sw.claimed.median:.2f} s, and from the claim to the committed Parquet it takes "
             f"{convert:.2f} s, {convert / base:.2f}× {best}. "
         )
@@ -470,10 +471,10 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
     put = via_put.brought_in.median if via_put.brought_in is not None else 0.0
     section.add(
         f"Reading: of Sluiceway's {sw.seconds.median:.2f} s from the drop, {event:.2f} s pass "
-        "before the event exists: the watcher notices the new file, waits for it to settle "
+        "before the event exists: the watcher notices the new file "
         f"and computes its MD5 ({st['md5']:.2f} s alone, one core: the ETag of a local object "
         "is its MD5, as S3's), so about "
-        f"{max(0.0, event - st['md5']):.2f} s of it is the watcher's notice and settle wait. "
+        f"{max(0.0, event - st['md5']):.2f} s of it is the watcher's notice. "
         "All that must finish before the event is raised, so it cannot overlap the "
         "conversion; the raw tools have no such step. "
         f"From the event to the commit (queue, claim, read, write, fsync, ledger) it takes "
@@ -487,7 +488,7 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
         f"batch, every column dictionary-encoded) to a plain file. Read and write together take "
         f"{st['sw_convert']:.2f} s against {st['sw_read'] + st['sw_write']:.2f} s one after the "
         f"other. So the way in alone is {event / base:.2f}× of {best}'s whole conversion, and "
-        "its floor is the MD5 and the settle wait: within the target the conversion would "
+        "its floor is the MD5 and the notice: within the target the conversion would "
         "have to take "
         f"{max(0.0, TIME_TARGET - event / base):.2f}× of it, while PyArrow's reader alone takes "
         f"{st['pa_read'] / base:.2f}×. Through `Pipeline.put` the way in is {put:.2f} s "

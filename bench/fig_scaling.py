@@ -255,7 +255,7 @@ def _first_events(got: dict[str, dict[int, fig_small.Throughput]]) -> str:
         return ""
     return (
         f" The first event of a run came {min(firsts):.2f}–{max(firsts):.2f} s after the drop "
-        "(the watcher's notice, its wait for the file to settle, the first publish): with "
+        "(the watcher's notice of the first file and the first publish): with "
         "this few files per run that delay weighs on the rates."
     )
 
@@ -309,7 +309,7 @@ def broker_profiles(
         '"× embedded" compares with the embedded row for the same N above (another run, '
         "more files). On 2 cores, 4 workers share the cores with the broker and the watcher. "
         'As above the files are dropped into the bucket; "events raised" is how fast the '
-        "service's one watcher raised their events from the drop (settle, MD5, event, publish "
+        "service's one watcher raised their events from the drop (notice, MD5, event, publish "
         "to the broker): the end-to-end rate cannot exceed it, so where the two are close the "
         "watcher, not the workers, sets the pace." + _first_events(got),
         "",

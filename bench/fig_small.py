@@ -3,7 +3,7 @@
 Sluiceway runs as the service (``sluiceway run --workers N``, warmed up). The
 clock starts at the drop: the files, staged on the bucket's file system
 beforehand, are hard-linked into bronze, and the service's watcher takes it
-from there (settle, MD5, event, queue). It stops at the last ``finished_at``
+from there (notice, MD5, event, queue). It stops at the last ``finished_at``
 in the ledger, i.e. when the last Parquet file is committed. The same runs
 also put the files through ``Pipeline.put`` (copy, MD5, fsync, event), the
 way in that does the upload's work too, timed the same way. The raw
@@ -65,11 +65,14 @@ def throughput(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    import psutil
+
     from sluiceway import Pipeline
 
     path = make_pipeline(Path(work) / "pipeline", durability)
     staged = stage(files, Path(work) / "staged")
     out: dict[str, list[float]] = {"sluiceway": [], "raised": [], "first": [], "pool": []}
+    out.update(cpu=[], busy=[], pool_cpu=[], pool_busy=[])
     if through_put:
         out.update(through_put=[], put=[])
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
@@ -86,9 +89,29 @@ def throughput(
             done = wait_done(pipeline, f"{prefix}/", len(files), 600, service.check)
             return max(e["finished_at"] for e in done)
 
+        def cpu_seconds(pids: list[int]) -> float:
+            return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+        def account(name: str, pids: list[int], cpu_before: float, seconds: float) -> None:
+            """CPU ms per file of ``pids`` over a timed run, and the share of the cores busy."""
+            try:
+                spent = cpu_seconds(pids) - cpu_before
+            except psutil.NoSuchProcess:  # a worker was replaced: no figure for this run
+                return
+            out[name].append(spent / len(files) * 1e3)
+            out[name.replace("cpu", "busy")].append(spent / (seconds * (os.cpu_count() or 1)))
+
+        def service_pids() -> list[int]:
+            return [service.pid, *(c.pid for c in psutil.Process(service.pid).children(True))]
+
+        pool_pids = [p.pid for p in pool._processes.values()]  # type: ignore[attr-defined]
         for run in range(runs):
+            pids = service_pids()
+            cpu_before = cpu_seconds(pids)
             started = drop(pipeline, staged, f"drop{run}")
-            out["sluiceway"].append(len(files) / (finished(f"drop{run}") - started))
+            seconds = finished(f"drop{run}") - started
+            account("cpu", pids, cpu_before, seconds)
+            out["sluiceway"].append(len(files) / seconds)
             events = raised(pipeline, f"drop{run}/")
             if events is not None:
                 out["first"].append(events[0] - started)
@@ -105,9 +128,12 @@ def throughput(
 
             dsts = [f"{work}/{run}-{i}.parquet" for i in range(len(files))]
             quiet()
+            cpu_before = cpu_seconds(pool_pids)
             started = time.time()
             list(pool.map(raw_convert, files, dsts))
-            out["pool"].append(len(files) / (time.time() - started))
+            seconds = time.time() - started
+            account("pool_cpu", pool_pids, cpu_before, seconds)
+            out["pool"].append(len(files) / seconds)
     return out
 
 
@@ -122,7 +148,7 @@ def raw_loop(files: list[str], runs: int, work: str) -> list[float]:
 
 
 def _offer(pipeline: Pipeline, key: str) -> None:
-    """What the watcher does for one settled file: stat, head (the MD5), raise the event."""
+    """What the watcher does for a file it offers: stat, head (the MD5), raise the event."""
     bucket = pipeline.bucket("bronze")
     os.stat(bucket.local_path(key) or key)
     pipeline.object_created("bronze", bucket.head(key))
@@ -210,6 +236,10 @@ class Throughput:
     first: Stats | None = None  # seconds from the drop to the first event raised
     through_put: Stats | None = None  # the files put in with Pipeline.put, to the last commit
     put: Stats | None = None  # how fast the driver alone got the files in (Pipeline.put)
+    cpu: Stats | None = None  # CPU ms per file of all the service's processes, from the drop
+    busy: Stats | None = None  # ... as a share of all cores' time over the run
+    pool_cpu: Stats | None = None  # the same for the raw pool's processes
+    pool_busy: Stats | None = None
 
     @classmethod
     def of(cls, got: dict[str, list[float]]) -> Throughput:
@@ -223,6 +253,10 @@ class Throughput:
             stats("first"),
             stats("through_put"),
             stats("put"),
+            stats("cpu"),
+            stats("busy"),
+            stats("pool_cpu"),
+            stats("pool_busy"),
         )
 
 
@@ -303,7 +337,9 @@ def run(ctx: Context) -> Section:
         "one after the other into the bronze bucket under a fresh prefix per run, the way a "
         "careful producer lands files (written aside, then linked or renamed in: each complete "
         "the moment it appears). A run ends at the last `finished_at` in the ledger. On the "
-        "clock, the issue's end to end: the watcher noticing each file and letting it settle, "
+        "clock, the issue's end to end: the watcher noticing each file (one whose mtime is "
+        "already `settle` old, as these staged files', is offered at once; one still being "
+        "written waits until it has settled), "
         "its ETag (MD5: ours to compute on a local bucket), the event, queue, worker, commit, "
         "ack and ledger. Not on it, as for the raw pool, which reads files already on disk: "
         "getting the bytes onto the disk, the producer's upload in the real design (S3 "
@@ -326,8 +362,8 @@ def run(ctx: Context) -> Section:
             "exceed it."
             + (
                 f" The first event came {got.first.fmt(2)} s after the drop (range "
-                f"{got.first.range(2)}): the watcher's notice and its wait for the file to "
-                "settle, a fixed delay that weighs less the more files a run has."
+                f"{got.first.range(2)}): the watcher's notice of the first file and its first "
+                "batch of events, a fixed delay that weighs less the more files a run has."
                 if got.first is not None
                 else ""
             )
@@ -344,6 +380,25 @@ def run(ctx: Context) -> Section:
         + (f", and its `put` ran at {loose.put.fmt(0)} files/s." if loose.put else ".")
     )
     section.add(" ".join(facts), "")
+    if got.cpu is not None and got.pool_cpu is not None and got.busy and got.pool_busy:
+        cores = os.cpu_count() or 1
+        budget = cores / (POOL_TARGET * base) * 1e3
+        section.add(
+            f"CPU in the same runs (user + system, every process of the service: its watcher "
+            f"and its workers): Sluiceway spent {got.cpu.fmt(2)} ms per file (range "
+            f"{got.cpu.range(2)}) and kept {got.busy.median:.0%} of the {cores} cores busy "
+            f"(range {got.busy.lo:.0%}–{got.busy.hi:.0%}); the raw pool's processes "
+            f"{got.pool_cpu.fmt(2)} ms per file (range {got.pool_cpu.range(2)}), keeping "
+            f"{got.pool_busy.median:.0%} busy. At the target's {POOL_TARGET}× the pool's rate "
+            f"({POOL_TARGET * base:,.0f} files/s) the {cores} cores give Sluiceway at most "
+            f"{budget:.2f} ms of CPU per file, with every core busy all the time: "
+            f"{budget / got.pool_cpu.median:.2f}× the raw conversion's CPU, for the watcher, "
+            "MD5, event, queue, claim, fsync, ledger and ack on top of the same conversion. "
+            "The cores' idle share is time every process of the service spent waiting: on "
+            "fsync (a disk flush each; see the machine facts) and on the state database's "
+            "write lock.",
+            "",
+        )
     ratio = got.sluiceway.median / base
     met = ratio >= POOL_TARGET
     section.target(
@@ -385,10 +440,8 @@ def explain(section: Section, files: list[Path]) -> None:
         f"The same per-file work in one process, file by file, for {len(files)} files: time "
         "per file, against the raw conversion of the same file. The drop's path: the file "
         "hard-linked into bronze (the producer's step, not timed), then what the watcher does "
-        "for it once it has settled (stat, `head`: the MD5, then `Pipeline.object_created`), "
-        "then `Worker.poll`. The watcher's wait for the file to settle is not in these "
-        "numbers (it overlaps other files' work in the service). `Pipeline.put`, the other way "
-        "in, on the same file after it.",
+        "for it once it offers it (stat, `head`: the MD5, then `Pipeline.object_created`), "
+        "then `Worker.poll`. `Pipeline.put`, the other way in, on the same file after it.",
         "",
     )
     section.table(
@@ -426,9 +479,8 @@ def explain(section: Section, files: list[Path]) -> None:
         f"({open_s / n * 1e3:.2f} ms), runs {sql / n:.0f} SQLite statements "
         f"({sql_s / n * 1e3:.2f} ms){started}, where the raw conversion opens two files and "
         "syncs nothing. One of the opens creates a file (the Parquet output, written aside and "
-        "renamed): a new inode, which on this ext4 costs about 0.2 ms even when the machine "
-        "is quiet and more while fsyncs (ours or another process's) hold the journal; the "
-        "opens for reading cost microseconds. The raw conversion creates one file too. The "
+        "renamed), as the raw conversion does (see the machine facts for what a create and "
+        "an fsync cost on this disk); the opens for reading cost microseconds. The "
         f"watcher's work and `poll` together take {drop_ms:.1f} ms per file against "
         f"{ms['raw']:.1f} ms for the raw conversion ({drop_ms / ms['raw']:.1f}× the work); on "
         f"the same two cores that alone limits Sluiceway to roughly {ms['raw'] / drop_ms:.2f}"
