@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -633,3 +634,83 @@ def test_bad_value_line_number_matches_physical_line(
     assert err.line == 2 + out.getvalue().count("\n")
     assert err.field == "n"
     assert repr(bad_value) in err.message
+
+
+# -- the parallel fast pass -------------------------------------------------------------
+
+
+def _streaming(data: bytes, options: CsvOptions) -> pa.Table:
+    """What the fast pass was before it went parallel: pyarrow's streaming reader."""
+    from sluiceway.steps.csv import _convert_options, _parse_options, _read_options
+
+    names = data.split(b"\n", 1)[0].decode().split(",") if options.all_strings else []
+    reader = pacsv.open_csv(
+        pa.BufferReader(data),
+        read_options=_read_options(options),
+        parse_options=_parse_options(options),
+        convert_options=_convert_options(options, names),
+    )
+    return reader.read_all()
+
+
+def _same_as_streaming(data: bytes, **options: Any) -> None:
+    """The parallel pass yields what the streaming reader does, or the file's error."""
+    csv_options = CsvOptions(**options)
+    try:
+        want = _streaming(data, csv_options)
+    except pa.ArrowInvalid:
+        with pytest.raises(InputError):
+            read(data, **options)
+        return
+    got = read(data, **options)
+    assert got.schema == want.schema
+    assert got.to_pylist() == want.to_pylist()
+
+
+def test_parallel_pass_matches_the_streaming_reader_across_many_blocks() -> None:
+    # Quoted newlines, commas and doubled quotes at every distance from a block's end.
+    body = b"".join(
+        b'%d,"note %d\nline, ""two""",%d.5,2024-01-%02d\r\n' % (i, i, i, i % 28 + 1)
+        for i in range(3000)
+    )
+    _same_as_streaming(b"n,note,x,day\n" + body, block_size=SMALL_BLOCK)
+    _same_as_streaming(b"n,note,x,day\n" + body, block_size=1 << 14, all_strings=True)
+
+
+def test_stray_quote_in_an_unquoted_field_does_not_misplace_a_cut() -> None:
+    """pyarrow takes ``5'11"`` literally; counted as a quote it would shift every cut after it."""
+    rows = [b"%d,5'11\",x" % i if i % 97 == 0 else b'%d,"a\nb",y' % i for i in range(2000)]
+    data = b"n,height,z\n" + b"\n".join(rows) + b"\n"
+    _same_as_streaming(data, block_size=SMALL_BLOCK)
+    # The stray quote in the last column: a wrong cut would merge rows silently.
+    rows = [b"%d,x,5'11\"" % i if i % 89 == 0 else b'%d,"a\nb",y' % i for i in range(2000)]
+    _same_as_streaming(b"n,z,height\n" + b"\n".join(rows) + b"\n", block_size=SMALL_BLOCK)
+
+
+_cells = st.one_of(
+    st.integers(-(10**6), 10**6).map(str),
+    st.text(alphabet="ab,\"\n 5'", max_size=8),
+    st.text(alphabet="ab,\"\n 5'", max_size=8).map(lambda s: '"' + s.replace('"', '""') + '"'),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.lists(st.lists(_cells, min_size=3, max_size=3), min_size=100, max_size=600),
+    terminator=st.sampled_from(["\n", "\r\n"]),
+)
+def test_parallel_pass_on_raw_text_matches_the_streaming_reader(
+    rows: list[list[str]], terminator: str
+) -> None:
+    # Written raw, not by a CSV writer: stray quotes, ragged rows and broken
+    # quoting included, wherever the blocks happen to be cut.
+    text = terminator.join(["a,b,c", *(",".join(r) for r in rows)]) + terminator
+    _same_as_streaming(text.encode(), block_size=SMALL_BLOCK)
+
+
+def test_records_longer_than_blocks_in_the_parallel_pass() -> None:
+    huge = b'"' + b"x\n" * 20_000 + b'"'  # 40 KB: many 1 KiB blocks, then more than it holds
+    rows = b"".join(b"%d,v%d\n" % (i, i) for i in range(500))
+    _same_as_streaming(b"n,v\n" + rows + b"501," + huge + b"\n" + rows, block_size=SMALL_BLOCK)
+    # The first record alone is longer than the first block.
+    _same_as_streaming(b"n,v\n1," + huge + b"\n" + rows, block_size=SMALL_BLOCK)

@@ -28,7 +28,9 @@ for those its precision buys nothing, so a seekable, uncompressed UTF-8 source
 that needs neither line numbers nor malformed-row handling is read optimistically
 (the *fast pass*): pyarrow's native reader straight on the file, after checking
 that the first block (the one pyarrow infers types from) is valid UTF-8, which
-together with ``check_utf8`` leaves no text unchecked.  If pyarrow fails, or
+together with ``check_utf8`` leaves no text unchecked.  A file larger than a
+block is cut into blocks where records end and they are parsed on every core
+at once (``_parallel_batches``: pyarrow's streaming reader uses one).  If pyarrow fails, or
 finds no rows, the file is rewound and read again with the feeder (the *precise
 pass*), which turns the failure into the same error with file, line and field
 as if it had been read that way from the start.  Rows the fast pass already
@@ -43,6 +45,7 @@ import contextlib
 import csv
 import gzip
 import io
+import os
 import re
 import shutil
 import tempfile
@@ -51,9 +54,11 @@ import zipfile
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -230,11 +235,16 @@ def read_csv_batches(
     if fast is None:
         yield from _precise_batches(source, name, options, on_malformed)
         return
-    origin, names, whole = fast
+    origin, names, first, whole = fast
     delivered = 0
     schema: pa.Schema | None = None
     try:
-        for batch in _native_batches(source, options, names, whole):
+        batches = (
+            _native_batches(pa.BufferReader(first), options, names)
+            if whole
+            else _parallel_batches(source, options, names, first)
+        )
+        for batch in batches:
             schema = batch.schema
             delivered += batch.num_rows
             yield batch
@@ -256,16 +266,17 @@ class _NotFast(Exception):
 
 def _fast_pass_start(
     source: BinaryIO, name: str, options: CsvOptions
-) -> tuple[int, list[str] | None, bytes | None] | None:
-    """Whether the fast pass may read ``source``: (where to rewind to, names, whole), or None.
+) -> tuple[int, list[str] | None, bytes, bool] | None:
+    """Whether the fast pass may read ``source``: (rewind to, names, first, whole), or None.
 
     It may for a seekable, uncompressed, UTF-8 source whose first block (the
     one pyarrow infers types from) is valid UTF-8 and not blank; the stream is
     left just after any BOM.  Anything else goes to the precise pass directly,
     as do files whose blank start or compression it would have to guess at.
     ``names`` are the column names when ``all_strings`` needs them up front.
-    ``whole`` is the file after any BOM when it fits in the first block, as
-    most do: checked already, it is parsed from memory instead of read twice.
+    ``first`` is the first block after any BOM; ``whole`` says it is the whole
+    file, as for most files: checked already, it is parsed from memory instead
+    of read twice.
     """
     if not _is_utf8(options.encoding) or options.compression not in ("auto", "none"):
         return None
@@ -300,25 +311,15 @@ def _fast_pass_start(
         if not names:
             return None
     source.seek(origin + skip)
-    return origin, names, first if whole else None
+    return origin, names, first, whole
 
 
 def _native_batches(
-    source: BinaryIO, options: CsvOptions, names: list[str] | None, whole: bytes | None
+    source: Any, options: CsvOptions, names: list[str] | None
 ) -> Iterator[pa.RecordBatch]:
     """pyarrow's own streaming reader on the source, with the precise pass's options."""
-    reader = pacsv.open_csv(
-        pa.PythonFile(source, mode="r") if whole is None else pa.BufferReader(whole),
-        read_options=_read_options(options),
-        parse_options=_parse_options(options),
-        convert_options=_convert_options(options, names or []),
-    )
+    reader = _open_native(source, options, names)
     try:
-        # Invalid UTF-8 in a column pyarrow infers from the first block would
-        # make it binary rather than fail; the first block was checked, so this
-        # cannot happen, but a binary column would be wrong output, not slow.
-        if any(pa.types.is_binary(field.type) for field in reader.schema):
-            raise _NotFast("a column was inferred as binary")
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -328,6 +329,136 @@ def _native_batches(
                 yield batch
     finally:
         _close_reader(reader)
+
+
+def _open_native(source: Any, options: CsvOptions, names: list[str] | None) -> Any:
+    """pyarrow's streaming reader, its column types inferred from the first block."""
+    reader = pacsv.open_csv(
+        source,
+        read_options=_read_options(options),
+        parse_options=_parse_options(options),
+        convert_options=_convert_options(options, names or []),
+    )
+    # Invalid UTF-8 in a column pyarrow infers from the first block would
+    # make it binary rather than fail; the first block was checked, so this
+    # cannot happen, but a binary column would be wrong output, not slow.
+    if any(pa.types.is_binary(field.type) for field in reader.schema):
+        _close_reader(reader)
+        raise _NotFast("a column was inferred as binary")
+    return reader
+
+
+#: A record longer than this many blocks ends the parallel fast pass (the
+#: precise pass reads it): a block is held in memory whole until it ends.
+_LONGEST_RECORD_BLOCKS = 16
+
+
+def _parallel_batches(
+    source: BinaryIO, options: CsvOptions, names: list[str] | None, first: bytes
+) -> Iterator[pa.RecordBatch]:
+    """The fast pass on a file of several blocks: the blocks parsed on every core at once.
+
+    pyarrow's streaming reader parses one block after the other, on one core
+    (about 200 MB/s here), which made reading the slowest stage of converting a
+    large file. Cut where a record ends, the blocks are independent CSV texts
+    once the column types are fixed, so each is parsed by ``read_csv`` in a
+    thread (pyarrow releases the GIL) and the batches are yielded in order. The
+    types are exactly what the streaming reader infers: it is run on the first
+    block to get them.
+
+    A cut is made after the last newline with an even number of quotes before
+    it (as the feeder's). A quote inside an unquoted field, which pyarrow takes
+    literally, would put such a cut inside a quoted value; pyarrow closes a
+    quote left open at the end of its input, so that block would end in a row
+    whose last field holds the rest of the block (fewer fields than the header
+    fail on their own). A block whose last value ends with a newline is
+    therefore not trusted: the file goes to the precise pass, which also takes
+    a legitimate quoted value ending in a newline at a block's end.
+    """
+    if _last_record_end(first, first.count(b'"'), False) is None:
+        # The first record is longer than a block: the streaming reader copes.
+        yield from _native_batches(pa.PythonFile(source, mode="r"), options, names)
+        return
+    source.seek(source.tell() + len(first))
+    more = _read_full(source, options.block_size)
+    # The streaming reader infers from its first block: the first block_size
+    # bytes, cut where it finds the last record end. Given what follows too, it
+    # cuts and infers exactly as on the file.
+    schema_reader = _open_native(pa.BufferReader(first + more), options, names)
+    schema = schema_reader.schema
+    _close_reader(schema_reader)
+    parse = _parse_options(options)
+    convert = _convert_options(options, names or [], schema)
+
+    def read(block: memoryview, index: int, last: bool) -> pa.Table:
+        # One chunk per block (no splitting it again, nor threads of its own);
+        # the first has the header, if any, and the later ones are named alike.
+        naming = {"column_names": schema.names} if index else {}
+        read_options = pacsv.ReadOptions(
+            use_threads=False,
+            block_size=len(block) + 1,
+            autogenerate_column_names=not options.header and not index,
+            encoding="utf8",
+            **naming,
+        )
+        table = pacsv.read_csv(
+            pa.BufferReader(block),
+            read_options=read_options,
+            parse_options=parse,
+            convert_options=convert,
+        )
+        if not last and table.num_rows:
+            value = table.column(table.num_columns - 1)[-1].as_py()
+            if isinstance(value, str) and value.endswith("\n"):
+                raise _NotFast("a block may end inside a quoted value")
+        return table
+
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="sluiceway-csv")
+    pending: deque[Future[pa.Table]] = deque()
+    try:
+        blocks = _record_blocks(source, first, more, options.block_size)
+        for index, (block, last) in enumerate(blocks):
+            pending.append(pool.submit(read, block, index, last))
+            while len(pending) > workers:
+                yield from _rows_of(pending.popleft().result())
+        while pending:
+            yield from _rows_of(pending.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rows_of(table: pa.Table) -> Iterator[pa.RecordBatch]:
+    return (batch for batch in table.to_batches() if batch.num_rows)
+
+
+def _record_blocks(
+    source: BinaryIO, buf: bytes, more: bytes, block_size: int
+) -> Iterator[tuple[memoryview, bool]]:
+    """``buf``, ``more`` and the rest of ``source`` cut where records end: (block, last?)."""
+    quotes = _quotes(buf)
+    while True:
+        if not more:
+            if buf:
+                yield memoryview(buf), True
+            return
+        cut = _last_record_end(buf, quotes, False)
+        if cut is None:
+            if len(buf) > _LONGEST_RECORD_BLOCKS * block_size:
+                raise _NotFast("a record longer than the parallel pass holds")
+            buf += more
+            quotes += _quotes(more)
+        else:
+            yield memoryview(buf)[:cut], False
+            rest = buf[cut:]
+            buf = rest + more
+            quotes = rest.count(b'"') + _quotes(more)
+        more = _read_full(source, block_size)
+
+
+def _quotes(data: bytes) -> int:
+    """How many quote characters ``data`` holds (numpy counts at thrice bytes.count's speed)."""
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == ord('"')))
 
 
 def _skip_rows(batches: Iterator[pa.RecordBatch], rows: int, name: str) -> Iterator[pa.RecordBatch]:
