@@ -478,10 +478,13 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
         "All that must finish before the event is raised, so it cannot overlap the "
         "conversion; the raw tools have no such step. "
         f"From the event to the commit (queue, claim, read, write, fsync, ledger) it takes "
-        f"{convert:.2f} s, {convert / base:.2f}× {best}. The conversion reads with PyArrow's own "
-        "multi-threaded streaming reader (the fast pass; Sluiceway's precise reader runs only "
-        f"to locate an error): {extra(st['sw_read'], st['pa_read'])} against PyArrow's reader "
-        "alone. It writes row groups of `row_group_size` rows, each encoded in a second thread "
+        f"{convert:.2f} s, {convert / base:.2f}× {best}. The conversion reads with the fast "
+        "pass: the file cut into blocks where records end, each parsed by PyArrow's "
+        "`read_csv` on a core of its own, with the column types PyArrow's streaming reader "
+        "infers from the first block (Sluiceway's precise reader runs only to locate an "
+        f"error): {extra(st['sw_read'], st['pa_read'])} against PyArrow's streaming reader "
+        "alone, which parses one block after the other. It writes row groups of "
+        "`row_group_size` rows, each encoded in a second thread "
         "while the next is read, dictionary-encoding only the columns whose values repeat: "
         f"{st['sw_write']:.2f} s into a bucket (MD5 while writing, fsync) against "
         f"{st['pa_write']:.2f} s for PyArrow's ParquetWriter batch by batch (a row group per "
@@ -528,7 +531,7 @@ def explain_memory(section: Section, csv: Path) -> None:
         "### Where Sluiceway's memory goes",
         "",
         "Sluiceway's CSV reader alone (no Parquet writing), one fresh process per block size. "
-        "PyArrow's streaming reader keeps several blocks in flight (read-ahead and parsing), "
+        "The fast pass keeps one block per core in flight, plus the one being handed on, "
         "so once a file is many blocks long the peak is set by `block_size`, not by the file "
         "size; the writer adds two row groups (one filling, one encoding) of at most 64 MiB:",
         "",

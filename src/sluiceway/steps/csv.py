@@ -29,9 +29,9 @@ that needs neither line numbers nor malformed-row handling is read optimisticall
 (the *fast pass*): pyarrow's native reader straight on the file, after checking
 that the first block (the one pyarrow infers types from) is valid UTF-8, which
 together with ``check_utf8`` leaves no text unchecked.  A file larger than a
-block is cut into blocks where records end and they are parsed on every core
-at once (``_parallel_batches``: pyarrow's streaming reader uses one).  If pyarrow fails, or
-finds no rows, the file is rewound and read again with the feeder (the *precise
+block is cut into blocks where records end, parsed on every core at once
+(``_parallel_batches``; pyarrow's streaming reader uses one).  If pyarrow
+fails, or finds no rows, the file is rewound and read again with the feeder (the *precise
 pass*), which turns the failure into the same error with file, line and field
 as if it had been read that way from the start.  Rows the fast pass already
 yielded are skipped, and the precise pass is given the fast pass's column types,
@@ -331,11 +331,19 @@ def _native_batches(
         _close_reader(reader)
 
 
-def _open_native(source: Any, options: CsvOptions, names: list[str] | None) -> Any:
-    """pyarrow's streaming reader, its column types inferred from the first block."""
+def _open_native(
+    source: Any, options: CsvOptions, names: list[str] | None, *, ahead: bool = True
+) -> Any:
+    """pyarrow's streaming reader, its column types inferred from the first block.
+
+    Without ``ahead`` it parses nothing beyond what is asked for (no threads
+    reading ahead), for a reader that is only asked for its schema.
+    """
+    read_options = _read_options(options)
+    read_options.use_threads = ahead
     reader = pacsv.open_csv(
         source,
-        read_options=_read_options(options),
+        read_options=read_options,
         parse_options=_parse_options(options),
         convert_options=_convert_options(options, names or []),
     )
@@ -384,7 +392,7 @@ def _parallel_batches(
     # The streaming reader infers from its first block: the first block_size
     # bytes, cut where it finds the last record end. Given what follows too, it
     # cuts and infers exactly as on the file.
-    schema_reader = _open_native(pa.BufferReader(first + more), options, names)
+    schema_reader = _open_native(pa.BufferReader(first + more), options, names, ahead=False)
     schema = schema_reader.schema
     _close_reader(schema_reader)
     parse = _parse_options(options)
