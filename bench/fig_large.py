@@ -443,9 +443,11 @@ def _split(sw: Measured, via_put: Measured, best: str, base: float) -> str:
 
 
 def extra(seconds: float, baseline: float) -> str:
-    """``+1.23 s``, or no measurable cost when within 5 % (run-to-run noise is larger)."""
+    """``+1.23 s``, ``1.23 s less``, or no measurable difference within 5 % (the noise)."""
     if abs(seconds - baseline) < 0.05 * baseline:
         return "no measurable extra time"
+    if seconds < baseline:
+        return f"{baseline - seconds:.2f} s less"
     return f"{seconds - baseline:+.2f} s"
 
 
