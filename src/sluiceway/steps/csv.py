@@ -383,7 +383,8 @@ def _parallel_batches(
     therefore not trusted: the file goes to the precise pass, which also takes
     a legitimate quoted value ending in a newline at a block's end.
     """
-    if _last_record_end(first, first.count(b'"'), False) is None:
+    quotes = _quotes(first)
+    if _last_record_end(first, quotes, False) is None:
         # The first record is longer than a block: the streaming reader copes.
         yield from _native_batches(pa.PythonFile(source, mode="r"), options, names)
         return
@@ -401,14 +402,12 @@ def _parallel_batches(
     def read(block: memoryview, index: int, last: bool) -> pa.Table:
         # One chunk per block (no splitting it again, nor threads of its own);
         # the first has the header, if any, and the later ones are named alike.
-        naming = {"column_names": schema.names} if index else {}
-        read_options = pacsv.ReadOptions(
-            use_threads=False,
-            block_size=len(block) + 1,
-            autogenerate_column_names=not options.header and not index,
-            encoding="utf8",
-            **naming,
-        )
+        read_options = _read_options(options)
+        read_options.use_threads = False
+        read_options.block_size = len(block) + 1
+        if index:
+            read_options.column_names = schema.names
+            read_options.autogenerate_column_names = False
         table = pacsv.read_csv(
             pa.BufferReader(block),
             read_options=read_options,
@@ -425,7 +424,7 @@ def _parallel_batches(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="sluiceway-csv")
     pending: deque[Future[pa.Table]] = deque()
     try:
-        blocks = _record_blocks(source, first, more, options.block_size)
+        blocks = _record_blocks(source, first, quotes, more, options.block_size)
         for index, (block, last) in enumerate(blocks):
             pending.append(pool.submit(read, block, index, last))
             while len(pending) > workers:
@@ -441,10 +440,10 @@ def _rows_of(table: pa.Table) -> Iterator[pa.RecordBatch]:
 
 
 def _record_blocks(
-    source: BinaryIO, buf: bytes, more: bytes, block_size: int
+    source: BinaryIO, buf: bytes, quotes: int, more: bytes, block_size: int
 ) -> Iterator[tuple[memoryview, bool]]:
-    """``buf``, ``more`` and the rest of ``source`` cut where records end: (block, last?)."""
-    quotes = _quotes(buf)
+    """``buf`` (holding ``quotes`` quotes), ``more`` and the rest of ``source``, cut
+    where records end: (block, is it the last)."""
     while True:
         if not more:
             if buf:
