@@ -9,6 +9,7 @@ back to the queue before it exits).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -37,16 +39,36 @@ log = logging.getLogger("sluiceway.runtime")
 OVERRUN_GRACE = 5.0
 
 
+class SharedFlag:
+    """A flag the runtime sets once and its worker processes read, without a lock.
+
+    ``multiprocessing.Event`` takes a semaphore even to read itself. A worker
+    killed while it held it (by the OOM killer, by the supervisor for an
+    overrun, by ``kill -9``) left the semaphore taken for good, and the
+    supervisor and every other worker hung at their next ``is_set()``. A byte
+    of shared memory needs no lock: it only ever goes from unset to set.
+    """
+
+    def __init__(self, ctx: BaseContext) -> None:
+        self._value = ctx.RawValue(ctypes.c_bool, False)
+
+    def set(self) -> None:
+        self._value.value = True
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
 def _raise_shutdown(signum: int, frame: object) -> None:
     raise Shutdown()
 
 
 def worker_main(
     pipeline_path: str,
-    stop: Any,
+    stop: SharedFlag,
     functions: list[str] | None,
     worker_id: str,
-    drain: Any = None,
+    drain: SharedFlag | None = None,
 ) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
@@ -110,8 +132,9 @@ class Runtime:
         self.functions = functions
         self.reconcile = reconcile
         self._ctx = mp.get_context("spawn")
-        self._stop_workers = self._ctx.Event()
-        self._drain_workers = self._ctx.Event()  # set by drain(): stream functions flush when idle
+        self._stop_workers = SharedFlag(self._ctx)
+        # Set by drain(): stream functions flush when idle.
+        self._drain_workers = SharedFlag(self._ctx)
         self._stop = threading.Event()
         self._procs: list[BaseProcess] = []
         self._watcher: BucketWatcher | None = None
