@@ -375,13 +375,13 @@ def method(ctx: Context) -> list[str]:
         "directories on the same disk, removed afterwards. Memory is in MiB (2^20 bytes), "
         "file sizes in MB (10^6 bytes).",
         "- Sluiceway durability is not switched off: its buckets fsync every committed object "
-        "and compute its MD5 (the ETag), which the raw tools do not do.",
+        "and compute its ETag (xxh3-128 on a local bucket), which the raw tools do not do.",
         "- In figures 1, 2 and 6 Sluiceway's clock starts at the drop: the input, staged "
         "beforehand on the bucket's file system and synced to disk (as the raw tools' input "
         "lies on disk), is hard-linked into the bronze bucket of the running service; the "
         "watcher's notice (the staged files are old enough to be offered without a wait to "
-        "settle), the MD5 and everything after are on the clock, the producer's "
-        "upload is not. Rows through `Pipeline.put` (which copies the file in, MD5s and "
+        "settle), the ETag and everything after are on the clock, the producer's "
+        "upload is not. Rows through `Pipeline.put` (which copies the file in, hashes and "
         "fsyncs it) are shown beside them; figure 5 measures that path.",
         *exits,
         "",

@@ -4,7 +4,7 @@ Sluiceway runs as the service (``Runtime(workers=0)``: watcher on, the worker
 in the same process) and is timed from the drop, the staged CSV hard-linked
 into the bronze bucket, until the ledger says the Parquet file is committed
 (``finished_at``). The same service is timed once more with the file brought
-in through ``Pipeline.put`` (copy, MD5, fsync, event), the way in that also
+in through ``Pipeline.put`` (copy, ETag, fsync, event), the way in that also
 does the upload's work. The raw tools read the CSV where it lies and write
 Parquet with the same compression. Each run of each contender is a fresh
 process, so the peak RSS is that contender's alone.
@@ -105,7 +105,7 @@ def sluiceway(csv: str, work: str) -> dict[str, Any]:
 
 
 def sluiceway_put(csv: str, work: str) -> dict[str, Any]:
-    """The file put through ``Pipeline.put`` (copy in, MD5, fsync, event): the other way in."""
+    """The file put through ``Pipeline.put`` (copy in, ETag, fsync, event): the other way in."""
     from .common import quiet
 
     def put(pipeline: Pipeline) -> float:
@@ -177,11 +177,11 @@ def _arrow_convert() -> Any:
 
 STAGES = {
     "copy": "copy the file (shutil.copy; not on the drop's clock)",
-    "md5": "MD5 of the file (the ETag: the watcher computes it for a dropped file)",
-    "put": "bucket write: copy, MD5 in a second thread, fsync (put's; not on the drop's clock)",
+    "etag": "ETag of the file (xxh3-128: the watcher computes it for a dropped file)",
+    "put": "bucket write: copy, ETag, fsync (put's; not on the drop's clock)",
     "sw_read": "Sluiceway CSV reader alone (read_csv_batches, fast pass)",
     "pa_read": "PyArrow open_csv alone, same block size",
-    "sw_write": "Sluiceway Parquet writer into a bucket (row groups, MD5, fsync)",
+    "sw_write": "Sluiceway Parquet writer into a bucket (row groups, ETag, fsync)",
     "pa_write": "PyArrow ParquetWriter batch by batch to a plain file",
     "sw_convert": "Sluiceway read + write together, as the steps run them",
 }
@@ -192,7 +192,7 @@ def breakdown(csv: str, work: str) -> dict[str, Any]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from sluiceway.buckets.local import LocalBucket, md5_file
+    from sluiceway.buckets.local import LocalBucket, file_etag
     from sluiceway.steps.csv import CsvOptions, read_csv_batches
     from sluiceway.steps.parquet import RowGroupWriter, WriteParquetOptions
 
@@ -207,7 +207,7 @@ def breakdown(csv: str, work: str) -> dict[str, Any]:
     bucket = LocalBucket("b", root / "bucket")
     options = CsvOptions(column_types=TYPES)
     rows_per_group = WriteParquetOptions(bucket="b").row_group_size
-    stages = {"copy": timed(lambda: shutil.copy(csv, root)), "md5": timed(lambda: md5_file(csv))}
+    stages = {"copy": timed(lambda: shutil.copy(csv, root)), "etag": timed(lambda: file_etag(csv))}
 
     def put() -> None:
         with open(csv, "rb") as src, bucket.open_write("in.csv") as dst:
@@ -265,7 +265,7 @@ def breakdown(csv: str, work: str) -> dict[str, Any]:
         _service(root / name, lambda p: drop(p, staged, "incoming"))
 
     cprofile = profile(lambda: end_to_end("profiled"))
-    with sampled() as threads:  # once more, every thread seen (watcher, encoder, MD5)
+    with sampled() as threads:  # once more, every thread seen (watcher, encoder)
         end_to_end("sampled")
     return {"stages": stages, "profile": cprofile, "sampled": threads}
 
@@ -380,13 +380,13 @@ def run(ctx: Context) -> Section:
         "lands a file (written aside, then renamed or linked in: complete the moment it "
         "appears), and stops at the Parquet file's `finished_at` in the ledger. Inside: the "
         "watcher noticing the file (staged long before, its mtime is older than the watcher's "
-        "`settle`, so it is offered at once, with no wait for it to settle), the MD5 of the "
-        "whole file (the ETag, ours to compute on a local "
+        "`settle`, so it is offered at once, with no wait for it to settle), the ETag "
+        "of the whole file (its xxh3-128, ours to compute on a local "
         "bucket), the event and queue, the worker's claim, read, write, fsync and ledger. "
         "Outside, as for the raw tools: getting the bytes onto the disk, which in the real "
         "design is the producer's upload (S3 receives it; on a local bucket the producer writes "
         "the file into the directory). The row through `Pipeline.put` is the other way in: "
-        "`put` copies the file into the bucket, MD5s and fsyncs it and raises the event, all "
+        "`put` copies the file into the bucket, hashes and fsyncs it and raises the event, all "
         "on the clock, doing the upload's work as well; it is shown so that figure stays "
         "visible, and is not the target's.",
         "",
@@ -430,13 +430,13 @@ def _split(sw: Measured, via_put: Measured, best: str, base: float) -> str:
         text += (
             f"Of Sluiceway's {sw.seconds.median:.2f} s from the drop, the event is raised after "
             f"{sw.event.median:.2f} s (range {sw.event.range(2)}: the watcher notices the file "
-            f"and computes its MD5), the worker claims it at "
+            f"and computes its ETag), the worker claims it at "
             f"{sw.claimed.median:.2f} s, and from the claim to the committed Parquet it takes "
             f"{convert:.2f} s, {convert / base:.2f}× {best}. "
         )
     if via_put.brought_in is not None:
         text += (
-            f"Through `Pipeline.put`, `put` itself (copy into the bucket, MD5, fsync, event) "
+            f"Through `Pipeline.put`, `put` itself (copy into the bucket, ETag, fsync, event) "
             f"takes {via_put.brought_in.median:.2f} s of the {via_put.seconds.median:.2f} s."
         )
     return text
@@ -474,9 +474,8 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
     section.add(
         f"Reading: of Sluiceway's {sw.seconds.median:.2f} s from the drop, {event:.2f} s pass "
         "before the event exists: the watcher notices the new file "
-        f"and computes its MD5 ({st['md5']:.2f} s alone, one core: the ETag of a local object "
-        "is its MD5, as S3's), so about "
-        f"{max(0.0, event - st['md5']):.2f} s of it is the watcher's notice. "
+        f"and computes its ETag ({st['etag']:.2f} s alone: the xxh3-128 of the whole file), "
+        f"so about {max(0.0, event - st['etag']):.2f} s of it is the watcher's notice. "
         "All that must finish before the event is raised, so it cannot overlap the "
         "conversion; the raw tools have no such step. "
         f"From the event to the commit (queue, claim, read, write, fsync, ledger) it takes "
@@ -488,20 +487,18 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
         "alone, which parses one block after the other. It writes row groups of "
         "`row_group_size` rows, each encoded in a second thread "
         "while the next is read, dictionary-encoding only the columns whose values repeat: "
-        f"{st['sw_write']:.2f} s into a bucket (MD5 while writing, fsync) against "
+        f"{st['sw_write']:.2f} s into a bucket (ETag while writing, fsync) against "
         f"{st['pa_write']:.2f} s for PyArrow's ParquetWriter batch by batch (a row group per "
         f"batch, every column dictionary-encoded) to a plain file. Read and write together take "
         f"{st['sw_convert']:.2f} s against {st['sw_read'] + st['sw_write']:.2f} s one after the "
         f"other. So the way in alone is {event / base:.2f}× of {best}'s whole conversion, and "
-        "its floor is the MD5 and the notice: within the target the conversion would "
-        "have to take "
+        "within the target the conversion would have to take "
         f"{max(0.0, TIME_TARGET - event / base):.2f}× of it, while PyArrow's reader alone takes "
         f"{st['pa_read'] / base:.2f}×. Through `Pipeline.put` the way in is {put:.2f} s "
-        f"({st['put']:.2f} s alone: copy {st['copy']:.2f} s and MD5, the MD5 computed in a "
-        "second thread while the copy runs, then fsync).",
+        f"({st['put']:.2f} s alone: copy {st['copy']:.2f} s, hashed on the way, then fsync).",
         "",
         "The service once more, the file dropped in the same way, under cProfile (the main "
-        "thread: the worker; the watcher's MD5 runs in its own thread, which only the sampled "
+        "thread: the worker; the watcher runs in its own thread, which only the sampled "
         "profile below sees; `time.sleep` is the bench's half-second pause before the drop "
         "and the idle worker's polling while the watcher waits):",
         "",
@@ -512,7 +509,7 @@ def explain(section: Section, csv: Path, measured: dict[str, Measured]) -> None:
         section.add(f"(no sampled profile: {threads['error']})", "")
     else:
         section.add(
-            "And once more under py-spy, which also sees the watcher, encoder and MD5 threads "
+            "And once more under py-spy, which also sees the watcher and encoder threads "
             "(PyArrow's own reader threads run native code only and show as the Python call "
             "that waits on them):",
             "",

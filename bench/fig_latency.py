@@ -127,7 +127,7 @@ def run(ctx: Context) -> Section:
         "",
         "The path measured is `Pipeline.put`'s, unlike figures 1, 2 and 6: a producer that "
         "calls `put` has its event raised as soon as the copy is in the bucket, so the clock "
-        "starts at the start of `put` and includes its copy, MD5 and fsync. A file dropped into "
+        "starts at the start of `put` and includes its copy, ETag and fsync. A file dropped into "
         "the bucket directory instead waits for the watcher, which offers it once its size and "
         "mtime have stayed unchanged for its `settle` time: that debounce is not in these "
         "numbers.",

@@ -309,7 +309,7 @@ def broker_profiles(
         '"× embedded" compares with the embedded row for the same N above (another run, '
         "more files). On 2 cores, 4 workers share the cores with the broker and the watcher. "
         'As above the files are dropped into the bucket; "events raised" is how fast the '
-        "service's one watcher raised their events from the drop (notice, MD5, event, publish "
+        "service's one watcher raised their events from the drop (notice, ETag, event, publish "
         "to the broker): the end-to-end rate cannot exceed it, so where the two are close the "
         "watcher, not the workers, sets the pace." + _first_events(got),
         "",

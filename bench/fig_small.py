@@ -3,9 +3,9 @@
 Sluiceway runs as the service (``sluiceway run --workers N``, warmed up). The
 clock starts at the drop: the files, staged on the bucket's file system
 beforehand, are hard-linked into bronze, and the service's watcher takes it
-from there (notice, MD5, event, queue). It stops at the last ``finished_at``
+from there (notice, ETag, event, queue). It stops at the last ``finished_at``
 in the ledger, i.e. when the last Parquet file is committed. The same runs
-also put the files through ``Pipeline.put`` (copy, MD5, fsync, event), the
+also put the files through ``Pipeline.put`` (copy, ETag, fsync, event), the
 way in that does the upload's work too, timed the same way. The raw
 baselines convert the same files with ``read_csv`` + ``write_table``: a plain
 loop, and a warm ``ProcessPoolExecutor(N)``. The service is measured with
@@ -148,7 +148,7 @@ def raw_loop(files: list[str], runs: int, work: str) -> list[float]:
 
 
 def _offer(pipeline: Pipeline, key: str) -> None:
-    """What the watcher does for a file it offers: stat, head (the MD5), raise the event."""
+    """What the watcher does for a file it offers: stat, head (the ETag), raise the event."""
     bucket = pipeline.bucket("bronze")
     os.stat(bucket.local_path(key) or key)
     pipeline.object_created("bronze", bucket.head(key))
@@ -340,12 +340,12 @@ def run(ctx: Context) -> Section:
         "clock, the issue's end to end: the watcher noticing each file (one whose mtime is "
         "already `settle` old, as these staged files', is offered at once; one still being "
         "written waits until it has settled), "
-        "its ETag (MD5: ours to compute on a local bucket), the event, queue, worker, commit, "
+        "its ETag (xxh3: ours to compute on a local bucket), the event, queue, worker, commit, "
         "ack and ledger. Not on it, as for the raw pool, which reads files already on disk: "
         "getting the bytes onto the disk, the producer's upload in the real design (S3 "
         "receives it; on a local bucket the producer writes the file into the directory). The "
         "rows through `Pipeline.put` are the same service in the same runs with the driver "
-        "putting the files one after the other: `put` copies each into the bucket, MD5s and "
+        "putting the files one after the other: `put` copies each into the bucket, hashes and "
         "fsyncs it and raises its event, doing the upload's work as well, on the clock. Raw: "
         "`read_csv` + `write_table` (zstd) per file, in a warm `ProcessPoolExecutor(2)` taking "
         "its turn after Sluiceway in every run, and in a plain loop. Every timed run starts "
@@ -393,7 +393,7 @@ def run(ctx: Context) -> Section:
             f"({POOL_TARGET * base:,.0f} files/s) the {cores} cores give Sluiceway at most "
             f"{budget:.2f} ms of CPU per file, with every core busy all the time: "
             f"{budget / got.pool_cpu.median:.2f}× the raw conversion's CPU, for the watcher, "
-            "MD5, event, queue, claim, fsync, ledger and ack on top of the same conversion. "
+            "ETag, event, queue, claim, fsync, ledger and ack on top of the same conversion. "
             "The cores' idle share is time every process of the service spent waiting: on "
             "fsync (a disk flush each; see the machine facts) and on the state database's "
             "write lock.",
@@ -440,7 +440,7 @@ def explain(section: Section, files: list[Path]) -> None:
         f"The same per-file work in one process, file by file, for {len(files)} files: time "
         "per file, against the raw conversion of the same file. The drop's path: the file "
         "hard-linked into bronze (the producer's step, not timed), then what the watcher does "
-        "for it once it offers it (stat, `head`: the MD5, then `Pipeline.object_created`), "
+        "for it once it offers it (stat, `head`: the ETag, then `Pipeline.object_created`), "
         "then `Worker.poll`. `Pipeline.put`, the other way in, on the same file after it.",
         "",
     )
@@ -448,7 +448,7 @@ def explain(section: Section, files: list[Path]) -> None:
         ["step", "ms per file"],
         [
             [
-                "watcher, per dropped file (stat, MD5, event + queue in one transaction)",
+                "watcher, per dropped file (stat, ETag, event + queue in one transaction)",
                 f"{ms['offer']:.2f}",
             ],
             [
@@ -458,7 +458,7 @@ def explain(section: Section, files: list[Path]) -> None:
             ["watcher, per dropped file, `durability: process`", f"{ms['offer_process']:.2f}"],
             ["`Worker.poll`, `durability: process` (no fsync)", f"{ms['worker_process']:.2f}"],
             [
-                "`Pipeline.put` (copy into bronze, MD5, fsync, event + queue in one transaction)",
+                "`Pipeline.put` (copy into bronze, ETag, fsync, event + queue in one transaction)",
                 f"{ms['put']:.2f}",
             ],
             ["`Worker.poll` after `put`", f"{ms['worker_after_put']:.2f}"],

@@ -1,24 +1,21 @@
-"""The local bucket's ETag: the MD5 of the content, also when hashed in a second thread.
+"""The local bucket's ETag: the xxh3-128 of the content, however it was written.
 
-Large writes are hashed by a thread of their own while the caller writes the
-next chunk; these tests prove the ETag is still exactly the MD5 of the bytes
-written, whatever the sizes and types of the writes and however they mix the
-inline and threaded hashing.
+A write is hashed on its way to the file, a dropped file by reading it; these
+tests prove the two agree with each other and with the hash of the bytes, whatever
+the sizes and types of the writes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluiceway.buckets import local
 from sluiceway.buckets.base import ObjectExists
-from sluiceway.buckets.local import TMP_DIR, LocalBucket, _HashingWriter
+from sluiceway.buckets.local import TMP_DIR, LocalBucket, _HashingWriter, file_etag
 
 WRITES = st.lists(
     st.tuples(
@@ -45,49 +42,46 @@ class _Sink:
         return len(data)
 
 
-@settings(max_examples=200, deadline=None)
-@given(writes=WRITES, inline=st.integers(0, 5000), chunk=st.integers(1, 4000))
-def test_etag_is_the_md5_of_what_was_written(
-    writes: list[tuple[bytes, str]], inline: int, chunk: int
-) -> None:
-    """Small thresholds, so that inline, gathered and threaded hashing all mix."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(local, "_INLINE_BYTES", inline)
-        mp.setattr(local, "_HASH_CHUNK", chunk)
-        mp.setattr(local, "_IN_FLIGHT", 2)
-        sink = _Sink()
-        writer = _HashingWriter(sink)  # type: ignore[arg-type]
-        for data, kind in writes:
-            buffer = _as(kind, data)
-            writer.write(buffer)
-            if isinstance(buffer, memoryview):
-                buffer = buffer.obj  # type: ignore[assignment]
-            if isinstance(buffer, bytearray) and buffer:
-                buffer[0] ^= 0xFF  # the owner reuses its buffer: the hash must not see it
-        expected = b"".join(data for data, _ in writes)
-        assert bytes(sink.data) == expected
-        assert writer.hexdigest() == hashlib.md5(expected).hexdigest()
+@settings(max_examples=100, deadline=None)
+@given(writes=WRITES)
+def test_etag_is_the_hash_of_what_was_written(writes: list[tuple[bytes, str]]) -> None:
+    sink = _Sink()
+    writer = _HashingWriter(sink)  # type: ignore[arg-type]
+    for data, kind in writes:
+        buffer = _as(kind, data)
+        writer.write(buffer)
+        if isinstance(buffer, memoryview):
+            buffer = buffer.obj  # type: ignore[assignment]
+        if isinstance(buffer, bytearray) and buffer:
+            buffer[0] ^= 0xFF  # the owner reuses its buffer once written
+    expected = b"".join(data for data, _ in writes)
+    assert bytes(sink.data) == expected
+    assert writer.hexdigest() == xxhash.xxh3_128_hexdigest(expected)
 
 
-def _hashing_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("sluiceway-md5")]
-
-
-def test_large_object_etag_and_no_thread_left(tmp_path: Path) -> None:
+def test_written_and_dropped_objects_have_the_same_etag(tmp_path: Path) -> None:
+    """Written through the bucket (hashed on the way, in pieces) or dropped in by
+    another program (hashed from the file, in 1 MiB reads): one identity."""
     bucket = LocalBucket("b", tmp_path / "b")
     piece = bytes(range(256)) * 4096  # 1 MiB
     with bucket.open_write("big.bin") as f:
-        for i in range(12):  # past the inline part, so the thread hashes most of it
+        for i in range(3):
             f.write(piece[i:] + piece[:i])
+        f.write(b"tail")
     data = (tmp_path / "b" / "big.bin").read_bytes()
-    assert len(data) == 12 * len(piece)
-    assert bucket.head("big.bin").etag == hashlib.md5(data).hexdigest()
-    # The cache was filled by the writer; a fresh bucket hashes the file itself.
-    assert LocalBucket("b", tmp_path / "b").head("big.bin").etag == hashlib.md5(data).hexdigest()
-    assert not _hashing_threads()
+    assert len(data) == 3 * len(piece) + 4
+    expected = xxhash.xxh3_128_hexdigest(data)
+    assert bucket.head("big.bin").etag == expected
+    (tmp_path / "b" / "dropped.bin").write_bytes(data)
+    # The cache was filled by the writer; a fresh bucket hashes the files itself.
+    fresh = LocalBucket("b", tmp_path / "b")
+    assert {o.key: o.etag for o in fresh.list()} == {"big.bin": expected, "dropped.bin": expected}
+    assert file_etag(tmp_path / "b" / "big.bin") == expected
+    (tmp_path / "empty").touch()
+    assert file_etag(tmp_path / "empty") == xxhash.xxh3_128_hexdigest(b"")
 
 
-def test_abandoned_large_write_publishes_nothing_and_stops_the_thread(tmp_path: Path) -> None:
+def test_abandoned_write_publishes_nothing(tmp_path: Path) -> None:
     bucket = LocalBucket("b", tmp_path / "b")
     with pytest.raises(RuntimeError, match="boom"), bucket.open_write("big.bin") as f:
         for _ in range(8):
@@ -95,7 +89,6 @@ def test_abandoned_large_write_publishes_nothing_and_stops_the_thread(tmp_path: 
         raise RuntimeError("boom")
     assert not (tmp_path / "b" / "big.bin").exists()
     assert not list(bucket.list())
-    assert not _hashing_threads()
 
 
 def test_no_write_leaves_anything_aside(tmp_path: Path) -> None:

@@ -239,6 +239,33 @@ def test_files_present_before_start_are_reconciled_once(
     ]
 
 
+def test_files_recorded_under_md5_etags_are_not_processed_again(
+    write_pipeline: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local ETags were MD5s before they were xxh3: a state database from then
+    still knows its files by their MD5s, so an upgrade reprocesses none of them."""
+    import hashlib
+
+    from sluiceway.buckets import local
+
+    path = write_pipeline()
+    make_csv(tmp_path / "bronze" / "old.csv", 10, seed=1)
+    with monkeypatch.context() as old_version:
+        old_version.setattr(
+            local, "file_etag", lambda p: hashlib.md5(Path(p).read_bytes()).hexdigest()
+        )
+        assert Runtime(path, workers=0, watch=False).drain(timeout=60).done == 1
+    make_csv(tmp_path / "bronze" / "new.csv", 10, seed=2)
+    summary = Runtime(path, workers=0, watch=False).drain(timeout=60)
+    assert summary.done == 1  # only the new file
+    bronze = Pipeline.from_file(path).buckets["bronze"]
+    etags = {o.key: o.etag for o in bronze.list()}
+    assert (
+        etags["old.csv"] == hashlib.md5((tmp_path / "bronze" / "old.csv").read_bytes()).hexdigest()
+    )
+    assert etags["new.csv"] == local.file_etag(tmp_path / "bronze" / "new.csv")
+
+
 def test_watcher_and_worker_processes_pick_up_dropped_files(
     write_pipeline: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -374,7 +374,7 @@ class Pipeline:
         for name, bucket in self.buckets.items():
             raised += self.objects_created((name, info) for info in bucket.list())
         if "db" in self.__dict__:
-            self.db.flush()  # the MD5s just computed, so the next start need not
+            self.db.flush()  # the ETags just computed, so the next start need not
         return raised
 
     # -- looking at it -------------------------------------------------------

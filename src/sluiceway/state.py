@@ -104,7 +104,9 @@ CREATE TABLE IF NOT EXISTS sent (
     sent_at  REAL NOT NULL
 );
 
--- MD5s of local files by (path, size, mtime, inode): hashed once, not per start.
+-- ETags of local files by (path, size, mtime, inode): hashed once, not per start.
+-- (Entries from before ETags were xxh3 hold MD5s: the identity their files
+-- were recorded under, kept while the file is unchanged.)
 CREATE TABLE IF NOT EXISTS etags (
     path      TEXT PRIMARY KEY,
     size      INTEGER NOT NULL,
@@ -338,7 +340,7 @@ class StateDB:
         return None if row is None else str(row[0])
 
     def store_etag(self, path: str, size: int, mtime_ns: int, ino: int, etag: str) -> None:
-        """Remember an MD5, written with this thread's next transaction.
+        """Remember an ETag, written with this thread's next transaction.
 
         A cache entry is not worth a transaction of its own (a write lock, a
         commit) per object: ``put`` and a worker's output are followed at once

@@ -204,6 +204,7 @@ def runtime_requirements() -> list[str]:
             "json5",
             "watchfiles",
             "prometheus-client",
+            "xxhash",
         ]
     out = []
     for req in declared:

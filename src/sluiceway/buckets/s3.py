@@ -47,9 +47,10 @@ How the bucket contract is kept on S3:
   ``If-Match`` so a reader never mixes two versions. A connection dropped
   mid-object is resumed the same way.
 - *Identity*: the ETag without its quotes, which for single-part uploads is
-  the MD5 of the content, as on a local bucket. Multipart objects keep S3's
+  the MD5 of the content. Multipart objects keep S3's
   ``<md5 of part md5s>-<parts>`` form: it is still a stable version identity,
-  just not the content's MD5.
+  just not the content's MD5. (A local bucket hashes with xxh3 instead: an
+  ETag is only compared within its own bucket.)
 - *Keys* follow the same rules as on a local bucket (no empty, ``.`` or
   ``..`` segments, no leading ``/``) for every object Sluiceway writes, so a
   pipeline that runs on S3 also runs on directories. Keys ending in ``/``
