@@ -15,6 +15,8 @@ import gzip
 import io
 import json
 import os
+import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluiceway.errors import InputError
-from sluiceway.steps.csv import CsvOptions, arrow_type, read_csv_batches
+from sluiceway.steps.csv import READ_AHEAD_NICENESS, CsvOptions, arrow_type, read_csv_batches
 
 NAME = "bronze/in/customers.csv"
 SMALL_BLOCK = 1024  # the smallest block CsvOptions allows, to force many batches
@@ -714,3 +716,29 @@ def test_records_longer_than_blocks_in_the_parallel_pass() -> None:
     _same_as_streaming(b"n,v\n" + rows + b"501," + huge + b"\n" + rows, block_size=SMALL_BLOCK)
     # The first record alone is longer than the first block.
     _same_as_streaming(b"n,v\n1," + huge + b"\n" + rows, block_size=SMALL_BLOCK)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's niceness is Linux's")
+def test_parse_threads_yield_to_the_thread_consuming_their_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parallel pass parses at a lower priority than its caller, whose own is unchanged."""
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[tuple[str, int]] = []
+    real = pacsv.read_csv
+
+    def recording(*args: Any, **kwargs: Any) -> pa.Table:
+        seen.append((threading.current_thread().name, niceness()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pacsv, "read_csv", recording)
+    before = niceness()
+    body = b"".join(b"%d,row %d\n" % (i, i) for i in range(3000))
+    assert read(b"n,v\n" + body, block_size=SMALL_BLOCK).num_rows == 3000
+    parsed = [n for name, n in seen if name.startswith("sluiceway-csv")]
+    assert len(parsed) > 10  # many blocks, each parsed in the pool
+    assert set(parsed) == {min(before + READ_AHEAD_NICENESS, 19)}
+    assert niceness() == before
