@@ -372,11 +372,11 @@ def _read_ahead_priority() -> None:
     together: converting to Parquet, PyArrow's encoder (one thread, a row
     group at a time) is the conversion's bottleneck. At equal priority two
     parse threads and the encoder shared two cores three ways and the encoder
-    got two thirds of one; five steps nicer, they leave it a whole core whenever it can
-    run, and the parse threads the rest (1 GB to Parquet on 2 cores: 3.5 s
-    instead of 4.0 s, medians of 5). On a machine busy with other work the
-    parse threads yield to it as well: the reading of a large file then waits
-    for the others, never the other way round. Linux only (a thread's
+    got two thirds of one; five steps nicer, the parse threads leave it a
+    whole core whenever it can run and take the rest (1 GB to Parquet on 2
+    cores: 3.5 s instead of 4.0 s, medians of 5). On a machine busy with
+    other work they yield to it as well: the reading of a large file then
+    waits for the others, never the other way round. Linux only (a thread's
     niceness is its own there); elsewhere, and where refused, the threads
     keep the default.
     """
