@@ -61,7 +61,7 @@ def test_etag_is_the_hash_of_what_was_written(writes: list[tuple[bytes, str]]) -
 
 def test_written_and_dropped_objects_have_the_same_etag(tmp_path: Path) -> None:
     """Written through the bucket (hashed on the way, in pieces) or dropped in by
-    another program (hashed from the file, in 1 MiB reads): one identity."""
+    another program (hashed from the file as it is read): one identity."""
     bucket = LocalBucket("b", tmp_path / "b")
     piece = bytes(range(256)) * 4096  # 1 MiB
     with bucket.open_write("big.bin") as f:

@@ -19,6 +19,7 @@ have no MD5 ETag either).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
@@ -62,13 +63,8 @@ def _pid_alive(pid: int) -> bool:
 
 def file_etag(path: str | os.PathLike[str]) -> str:
     """The ETag of a file: the xxh3-128 of its content, as hex."""
-    digest = xxhash.xxh3_128()
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
+        return hashlib.file_digest(f, xxhash.xxh3_128).hexdigest()
 
 
 class EtagCache(Protocol):
