@@ -354,3 +354,30 @@ def test_a_batch_that_fails_records_none_of_its_versions(pipeline: Pipeline) -> 
     assert [pipeline.ledger.has_seen("bronze", i.key, i.etag) for i in infos] == [False] * 3
     assert pipeline.pending() == 0
     assert len(pipeline.reconcile()) == 3
+
+
+def test_objects_in_buckets_no_rule_routes_are_recorded_without_matching(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker announces every output; where no rule can route from its bucket
+    (staging here), the version is still recorded once, but no rule is tried."""
+    make_csv(tmp_path / "in.csv", 10, seed=1)
+    pipeline.put(tmp_path / "in.csv", "bronze", "in.csv")
+    matched: list[str] = []
+    real_plan = pipeline.router.plan
+
+    def counting_plan(event):  # type: ignore[no-untyped-def]
+        matched.append(event.bucket)
+        return real_plan(event)
+
+    monkeypatch.setattr(pipeline.router, "plan", counting_plan)
+    assert [o.status for o in Worker(pipeline).poll()] == ["done"]
+    info = pipeline.bucket("staging").head("in.parquet")
+    assert pipeline.ledger.has_seen("staging", info.key, info.etag)
+    assert matched == []
+    assert pipeline.objects_created([("staging", info)]) == []  # recorded: offered again, no event
+    assert pipeline.pending() == 0
+    raised = pipeline.object_created(
+        "bronze", pipeline.bucket("bronze").put_bytes("b.csv", b"a\n1\n")
+    )
+    assert raised is not None and matched == ["bronze"] and pipeline.pending() == 1

@@ -335,7 +335,10 @@ class Pipeline:
             etag=info.etag,
             sequencer=f"{int(info.mtime * 1e9):020X}",
         )
-        return PreparedEvent(bucket, info, event, self.router.plan(event))
+        # Matching costs more than the rest of the offer; the outputs a worker
+        # announces are mostly in buckets no rule routes from.
+        plan = self.router.plan(event) if self.router.may_route(bucket) else []
+        return PreparedEvent(bucket, info, event, plan)
 
     def raise_events(self, offers: Sequence[PreparedEvent]) -> list[Event]:
         """Record the versions and queue their messages, but those someone raised meanwhile.

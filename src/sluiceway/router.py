@@ -29,6 +29,7 @@ class Router:
         self.rules = list(rules)
         self.broker = broker
         self.topics = topics
+        self._may_route: dict[str, bool] = {}  # per bucket: the rules never change
 
     @classmethod
     def from_config(cls, rules: Sequence[object], broker: Broker, topics: set[str]) -> Router:
@@ -57,7 +58,11 @@ class Router:
         Decided soundly from the patterns alone (``Pattern.may_match_with``):
         False means no object in this bucket can ever reach a queue.
         """
-        return any(r.pattern.may_match_with("detail.bucket.name", bucket) for r in self.rules)
+        known = self._may_route.get(bucket)
+        if known is None:
+            known = any(r.pattern.may_match_with("detail.bucket.name", bucket) for r in self.rules)
+            self._may_route[bucket] = known
+        return known
 
     def route(self, event: Event) -> list[str]:
         """Deliver the event to every matching target; returns the targets.
