@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from sluiceway import Pipeline, Runtime, Worker
+from sluiceway.events import Event
 from sluiceway.ledger import Claim
+from sluiceway.queues.base import OutgoingMessage
 
 from .conftest import BRONZE_TO_STAGING
 from .helpers import make_csv, parquet_rows, wait_until
@@ -366,7 +368,7 @@ def test_objects_in_buckets_no_rule_routes_are_recorded_without_matching(
     matched: list[str] = []
     real_plan = pipeline.router.plan
 
-    def counting_plan(event):  # type: ignore[no-untyped-def]
+    def counting_plan(event: Event) -> list[tuple[str, OutgoingMessage]]:
         matched.append(event.bucket)
         return real_plan(event)
 
